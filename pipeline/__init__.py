@@ -1,0 +1,75 @@
+"""wsiflow's pure core: slide access, mpp policy, tissue detection, tile grids, privacy.
+
+Imports nothing from ``models``, ``flows`` or ``viewer``.
+"""
+
+from ._backend import BACKEND_NAMES, BackendName, SlideBackend, open_backend
+from ._errors import (
+    ConfigError,
+    CorruptSlideError,
+    MissingMppError,
+    SlideNotFoundError,
+    SlidePermissionError,
+    UnsupportedSlideError,
+    WsiflowError,
+)
+from ._grid import GridSpec, TileGrid, grid_shape, make_tile_grid
+from ._inspect import SlideReport, inspect_slide
+from ._mpp import (
+    PLAUSIBLE_MPP_RANGE,
+    MppOverride,
+    MppPolicy,
+    MppResolution,
+    check_plausible_mpp,
+    resolve_mpp,
+)
+from ._privacy import (
+    OFFLINE_ENV,
+    apply_offline_env,
+    content_digest,
+    site_dir,
+    site_secret,
+    slide_id,
+)
+from ._slide import Slide, SlideInfo, open_slide, slide_info
+from ._tissue import TissueMask, TissueParams, detect_tissue, pen_mask
+
+__all__ = [
+    "BACKEND_NAMES",
+    "BackendName",
+    "ConfigError",
+    "CorruptSlideError",
+    "GridSpec",
+    "MissingMppError",
+    "MppOverride",
+    "MppPolicy",
+    "MppResolution",
+    "OFFLINE_ENV",
+    "PLAUSIBLE_MPP_RANGE",
+    "Slide",
+    "SlideBackend",
+    "SlideInfo",
+    "SlideNotFoundError",
+    "SlidePermissionError",
+    "SlideReport",
+    "TileGrid",
+    "TissueMask",
+    "TissueParams",
+    "UnsupportedSlideError",
+    "WsiflowError",
+    "apply_offline_env",
+    "check_plausible_mpp",
+    "content_digest",
+    "detect_tissue",
+    "grid_shape",
+    "inspect_slide",
+    "make_tile_grid",
+    "open_backend",
+    "open_slide",
+    "pen_mask",
+    "resolve_mpp",
+    "site_dir",
+    "site_secret",
+    "slide_id",
+    "slide_info",
+]

@@ -1,0 +1,274 @@
+"""The slide backend Protocol and the two backends (OpenSlide, tiffslide).
+
+A backend gives raw pixel access to one open slide. Coordinates passed to
+:meth:`SlideBackend.read_region` are (x, y) at level 0, sizes are (width, height) at the
+requested level, and pixels come back as ``uint8`` RGB arrays of shape (height, width, 3),
+with transparency composited on white and white outside the slide.
+
+Backends are chosen by argument (:func:`open_backend`), never by a global switch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from ._errors import (
+    CorruptSlideError,
+    SlideNotFoundError,
+    SlidePermissionError,
+    UnsupportedSlideError,
+    WsiflowError,
+)
+
+__all__ = ["BackendName", "SlideBackend", "open_backend", "BACKEND_NAMES"]
+
+_log = logging.getLogger(__name__)
+
+BackendName = Literal["auto", "openslide", "tiffslide"]
+BACKEND_NAMES: tuple[str, ...] = ("auto", "openslide", "tiffslide")
+
+
+@runtime_checkable
+class SlideBackend(Protocol):
+    """Raw access to one open slide. All coordinates are (x, y) at level 0."""
+
+    name: str
+    level_dimensions: tuple[tuple[int, int], ...]
+    """(width, height) of each pyramid level, finest first."""
+    level_downsamples: tuple[float, ...]
+    metadata_mpp: tuple[float | None, float | None]
+    """(x, y) µm/px as written in the file's metadata, unchecked; None where absent."""
+    objective_power: float | None
+    vendor: str | None
+    native_tile_size: tuple[int, int] | None
+    """(width, height) of the stored tiles of level 0, when the format has tiles."""
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 (height, width, 3) from level ``level``; (x, y) at level 0."""
+        ...
+
+    def close(self) -> None:
+        """Release the file handle."""
+        ...
+
+
+def _scrub(message: str, path: Path) -> str:
+    """Remove the path and file name from a library's message (they can carry PHI)."""
+    for text in (str(path), str(path.resolve()), path.name):
+        if text:
+            message = message.replace(text, "<slide>")
+    return " ".join(message.split())
+
+
+def _float_or_none(value: object) -> float | None:
+    try:
+        result = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return result if np.isfinite(result) else None
+
+
+def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """RGBA uint8 (non-premultiplied) -> RGB uint8 over a white background."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3:4]
+    if bool((alpha == 255).all()):
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.uint16)
+    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+class _OpenSlideBackend:
+    """OpenSlide 4 (SVS, NDPI, MIRAX, SCN, BIF, Philips TIFF, tiled TIFF, DICOM-WSI)."""
+
+    name = "openslide"
+
+    def __init__(self, path: Path) -> None:
+        import openslide  # imported here so tiffslide-only use never loads the C library
+
+        self._error_type = openslide.OpenSlideError
+        self._path = path
+        self._slide = openslide.OpenSlide(str(path))
+        props = self._slide.properties
+        self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)  # type: ignore[misc]
+        self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        self.metadata_mpp = (
+            _float_or_none(props.get("openslide.mpp-x")),
+            _float_or_none(props.get("openslide.mpp-y")),
+        )
+        self.objective_power = _float_or_none(props.get("openslide.objective-power"))
+        self.vendor = props.get("openslide.vendor")
+        tw = props.get("openslide.level[0].tile-width")
+        th = props.get("openslide.level[0].tile-height")
+        self.native_tile_size = (int(tw), int(th)) if tw and th else None
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        try:
+            image = self._slide.read_region((int(x), int(y)), int(level), (int(width), int(height)))
+        except self._error_type as exc:
+            self._reopen()
+            raise CorruptSlideError(
+                f"tile data of level {level} cannot be decoded ({_scrub(str(exc), self._path)})"
+            ) from exc
+        return _composite_on_white(np.asarray(image))
+
+    def _reopen(self) -> None:
+        """OpenSlide handles stay in an error state after a failure: get a fresh one."""
+        import openslide
+
+        self._slide.close()
+        try:
+            self._slide = openslide.OpenSlide(str(self._path))
+        except self._error_type as exc:
+            raise CorruptSlideError(
+                f"the slide cannot be reopened after a decode error ({_scrub(str(exc), self._path)})"
+            ) from exc
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class _TiffSlideBackend:
+    """tiffslide (pure Python, tifffile + imagecodecs): TIFF variants OpenSlide refuses."""
+
+    name = "tiffslide"
+
+    def __init__(self, path: Path) -> None:
+        import tiffslide
+
+        self._path = path
+        self._slide = tiffslide.TiffSlide(str(path))
+        props = self._slide.properties
+        self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)  # type: ignore[misc]
+        self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+        self.metadata_mpp = (
+            _float_or_none(props.get("tiffslide.mpp-x")),
+            _float_or_none(props.get("tiffslide.mpp-y")),
+        )
+        self.objective_power = _float_or_none(props.get("tiffslide.objective-power"))
+        self.vendor = props.get("tiffslide.vendor")
+        tw = props.get("tiffslide.level[0].tile-width")
+        th = props.get("tiffslide.level[0].tile-height")
+        self.native_tile_size = (int(tw), int(th)) if tw and th else None
+        # Decode one pixel now so a file tiffslide cannot decode fails at open, not later.
+        self.read_region(0, 0, len(self.level_dimensions) - 1, 1, 1)
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        # tiffslide returns black outside the image; clip and paste onto white instead.
+        out = np.full((int(height), int(width), 3), 255, dtype=np.uint8)
+        level_w, level_h = self.level_dimensions[level]
+        ds = self.level_downsamples[level]
+        lx, ly = int(np.floor(x / ds)), int(np.floor(y / ds))
+        x0, y0 = max(lx, 0), max(ly, 0)
+        x1, y1 = min(lx + int(width), level_w), min(ly + int(height), level_h)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        try:
+            part = self._slide.read_region(
+                (int(round(x0 * ds)), int(round(y0 * ds))), level, (x1 - x0, y1 - y0), as_array=True
+            )
+        except (ValueError, RuntimeError, OSError, IndexError) as exc:
+            raise CorruptSlideError(
+                f"tile data of level {level} cannot be decoded ({type(exc).__name__}: {_scrub(str(exc), self._path)})"
+            ) from exc
+        part = np.asarray(part)
+        if part.ndim == 2:
+            part = np.repeat(part[..., None], 3, axis=2)
+        if part.shape[2] == 4:
+            part = _composite_on_white(part.astype(np.uint8))
+        out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = part[..., :3]
+        return out
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+def _check_readable(path: Path) -> None:
+    """Raise the right wsiflow error when ``path`` is missing or unreadable."""
+    if not path.exists():
+        raise SlideNotFoundError("no file or folder at the given path")
+    try:
+        if path.is_dir():
+            os.listdir(path)
+        else:
+            with open(path, "rb") as fh:
+                fh.read(1)
+    except PermissionError as exc:
+        raise SlidePermissionError("the slide cannot be read: permission denied") from exc
+
+
+def _dicom_candidates(folder: Path) -> list[Path]:
+    """Files of a DICOM-WSI folder, the largest (most likely a pyramid level) first."""
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if not files:
+        raise UnsupportedSlideError("the folder is empty; give a DICOM-WSI folder or a slide file")
+    return sorted(files, key=lambda p: (-p.stat().st_size, p.name))
+
+
+def _open_openslide(path: Path) -> _OpenSlideBackend:
+    import openslide
+
+    candidates = _dicom_candidates(path) if path.is_dir() else [path]
+    last: Exception | None = None
+    for candidate in candidates:
+        try:
+            return _OpenSlideBackend(candidate)
+        except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as exc:
+            last = exc
+        except PermissionError as exc:
+            raise SlidePermissionError("the slide cannot be read: permission denied") from exc
+    raise UnsupportedSlideError(
+        f"OpenSlide cannot open it ({_scrub(str(last), path)})"
+    ) from last
+
+
+def _open_tiffslide(path: Path) -> _TiffSlideBackend:
+    if path.is_dir():
+        raise UnsupportedSlideError("tiffslide reads single TIFF files, not folders")
+    try:
+        return _TiffSlideBackend(path)
+    except CorruptSlideError:
+        raise
+    except PermissionError as exc:
+        raise SlidePermissionError("the slide cannot be read: permission denied") from exc
+    except (ValueError, RuntimeError, OSError, KeyError, IndexError, TypeError) as exc:
+        # tifffile/tiffslide signal "not a TIFF I know" with a mix of builtins.
+        raise UnsupportedSlideError(
+            f"tiffslide cannot open it ({type(exc).__name__}: {_scrub(str(exc), path)})"
+        ) from exc
+
+
+def open_backend(path: str | os.PathLike[str], backend: BackendName = "auto") -> SlideBackend:
+    """Open ``path`` (a slide file, or a DICOM-WSI folder) with the chosen backend.
+
+    ``auto`` tries OpenSlide first and falls back to tiffslide when OpenSlide refuses the
+    file. Raises :class:`SlideNotFoundError`, :class:`SlidePermissionError`,
+    :class:`UnsupportedSlideError` or :class:`CorruptSlideError`.
+    """
+    slide_path = Path(path)
+    _check_readable(slide_path)
+    if backend == "openslide":
+        return _open_openslide(slide_path)
+    if backend == "tiffslide":
+        return _open_tiffslide(slide_path)
+    if backend != "auto":
+        raise UnsupportedSlideError(
+            f"unknown backend {backend!r}", hint=f"choose one of {', '.join(BACKEND_NAMES)}"
+        )
+    try:
+        return _open_openslide(slide_path)
+    except UnsupportedSlideError as first:
+        if slide_path.is_dir():
+            raise
+        try:
+            opened = _open_tiffslide(slide_path)
+        except WsiflowError:
+            raise first from None
+        _log.info("OpenSlide refused the slide; opened it with tiffslide")
+        return opened

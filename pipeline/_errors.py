@@ -1,0 +1,94 @@
+"""The one exception tree of wsiflow.
+
+Every error wsiflow raises on purpose derives from :class:`WsiflowError`. Leaves also
+inherit the builtin that fits, so ``except FileNotFoundError`` keeps working for callers
+that do not know wsiflow. Messages never contain a file path or file name (they may end
+up in results, logs or the Prefect UI); the caller knows which input it passed.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "WsiflowError",
+    "SlideNotFoundError",
+    "SlidePermissionError",
+    "UnsupportedSlideError",
+    "CorruptSlideError",
+    "MissingMppError",
+    "ConfigError",
+]
+
+
+class WsiflowError(Exception):
+    """Base class of every error wsiflow raises on purpose.
+
+    ``kind`` is a short stable name for the error (used in CLI lines and JSON), and
+    ``hint`` says what the user can do about it.
+    """
+
+    kind: str = "error"
+    hint: str = ""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if hint is not None:
+            self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+    def one_line(self) -> str:
+        """``kind: message (hint)`` on one line, for the CLI and tables."""
+        text = f"{self.kind}: {self.message}"
+        if self.hint:
+            text += f" -- {self.hint}"
+        return " ".join(text.split())
+
+
+class SlideNotFoundError(WsiflowError, FileNotFoundError):
+    """The slide path does not exist."""
+
+    kind = "not-found"
+    hint = "check the path; for DICOM give the folder of instances or one of its files"
+
+
+class SlidePermissionError(WsiflowError, PermissionError):
+    """The slide exists but this process may not read it."""
+
+    kind = "permission-denied"
+    hint = "give the user running wsiflow read access to the file (and the folder for DICOM)"
+
+
+class UnsupportedSlideError(WsiflowError, ValueError):
+    """The file is not a slide, or in a format neither backend reads."""
+
+    kind = "unsupported"
+    hint = (
+        "wsiflow reads what OpenSlide 4 and tiffslide read (SVS, NDPI, MIRAX, SCN, BIF, "
+        "Philips TIFF, tiled TIFF, DICOM-WSI); convert the slide to one of these"
+    )
+
+
+class CorruptSlideError(WsiflowError, OSError):
+    """The slide opens but its pixel data cannot be decoded."""
+
+    kind = "corrupt"
+    hint = "the file is damaged or truncated; copy it again from the scanner or rescan"
+
+
+class MissingMppError(WsiflowError, ValueError):
+    """The slide's physical pixel size (µm/px) is absent or implausible."""
+
+    kind = "missing-mpp"
+    hint = (
+        "supply it with --mpp X (µm/px) on the command line, or add a per-scanner or "
+        "per-folder entry under mpp_overrides in the config"
+    )
+
+
+class ConfigError(WsiflowError, ValueError):
+    """A configuration value is invalid."""
+
+    kind = "config"
+    hint = "fix the value in the config file or on the command line"

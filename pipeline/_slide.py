@@ -1,0 +1,241 @@
+"""A slide opened for analysis: a backend plus a resolved µm/px.
+
+Coordinates are (x, y) at level 0 in pixels unless a name says otherwise; arrays are
+(row, col) = (y, x) indexed, RGB uint8.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+from PIL import Image
+
+from ._backend import BackendName, SlideBackend, open_backend
+from ._errors import CorruptSlideError
+from ._mpp import MppPolicy, MppResolution, resolve_mpp
+
+__all__ = ["SlideInfo", "Slide", "open_slide", "slide_info"]
+
+_MPP_REL_TOL = 1e-3  # a level within 0.1 % of the target counts as "at" the target
+_THUMBNAIL_BLOCK_PX = 2048
+_LEVEL_CHECK_PX = 64  # side of the patch compared between a pyramid level and level 0
+_LEVEL_CHECK_MAX_L0_PX = 4096
+_LEVEL_CHECK_MAX_DIFF = 24.0  # mean abs RGB difference; JPEG pyramids differ by < 8
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What wsiflow reports about a slide: geometry and scanner facts, never free text.
+
+    Label/macro images and free-text fields (date, user, file name...) are deliberately
+    absent: they can carry patient data.
+    """
+
+    width: int
+    height: int
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    metadata_mpp_x: float | None
+    metadata_mpp_y: float | None
+    objective_power: float | None
+    vendor: str | None
+    backend: str
+    native_tile_size: tuple[int, int] | None
+
+
+def slide_info(backend: SlideBackend) -> SlideInfo:
+    """The reportable facts of an open backend."""
+    width, height = backend.level_dimensions[0]
+    return SlideInfo(
+        width=width,
+        height=height,
+        level_dimensions=backend.level_dimensions,
+        level_downsamples=backend.level_downsamples,
+        metadata_mpp_x=backend.metadata_mpp[0],
+        metadata_mpp_y=backend.metadata_mpp[1],
+        objective_power=backend.objective_power,
+        vendor=backend.vendor,
+        backend=backend.name,
+        native_tile_size=backend.native_tile_size,
+    )
+
+
+class Slide:
+    """An open slide with a known physical scale; use as a context manager."""
+
+    def __init__(self, backend: SlideBackend, mpp: MppResolution) -> None:
+        self.backend = backend
+        self.mpp = mpp
+        self.info = slide_info(backend)
+        self._level_ok: dict[int, bool] = {0: True}
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.backend.close()
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) of level 0 in pixels."""
+        return self.info.width, self.info.height
+
+    def level_mpp(self, level: int) -> tuple[float, float]:
+        """(x, y) µm/px of a pyramid level."""
+        ds = self.info.level_downsamples[level]
+        return self.mpp.mpp_x * ds, self.mpp.mpp_y * ds
+
+    def level_is_usable(self, level: int) -> bool:
+        """Whether a pyramid level decodes and agrees with level 0 (checked once, on a patch).
+
+        Some writers produce reduced levels that fail to decode or have swapped colour
+        spaces; wsiflow then reads from a finer level instead of trusting them.
+        """
+        if level not in self._level_ok:
+            self._level_ok[level] = self._check_level(level)
+            if not self._level_ok[level]:
+                _log.warning("pyramid level %d is unusable; reading finer levels instead", level)
+        return self._level_ok[level]
+
+    def _check_level(self, level: int) -> bool:
+        ds = self.info.level_downsamples[level]
+        level_w, level_h = self.info.level_dimensions[level]
+        side = min(_LEVEL_CHECK_PX, level_w, level_h, int(_LEVEL_CHECK_MAX_L0_PX // ds))
+        if side < 1:
+            return True
+        lx, ly = (level_w - side) // 2, (level_h - side) // 2
+        x0, y0 = round(lx * ds), round(ly * ds)
+        l0_side = round(side * ds)
+        try:
+            coarse = self.read_region(x0, y0, level, side, side).astype(np.float32)
+            fine = self.read_region(x0, y0, 0, l0_side, l0_side)
+        except CorruptSlideError:
+            return False
+        reduced = np.asarray(
+            Image.fromarray(fine).resize((side, side), Image.Resampling.BOX), dtype=np.float32
+        )
+        return float(np.abs(coarse - reduced).mean()) <= _LEVEL_CHECK_MAX_DIFF
+
+    def best_level_for_mpp(self, target_mpp: float) -> int:
+        """The coarsest usable level whose pixels are at or finer than ``target_mpp``.
+
+        Level 0 when the target is finer than every level.
+        """
+        for level in reversed(range(len(self.info.level_downsamples))):
+            mx, my = self.level_mpp(level)
+            if max(mx, my) <= target_mpp * (1 + _MPP_REL_TOL) and self.level_is_usable(level):
+                return level
+        return 0
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """Pixels of ``level`` as RGB uint8 (height, width, 3); (x, y) at level 0."""
+        return self.backend.read_region(x, y, level, width, height)
+
+    def read_region_at_mpp(
+        self, x: float, y: float, width_px: int, height_px: int, target_mpp: float
+    ) -> np.ndarray:
+        """A (height_px, width_px, 3) RGB image at ``target_mpp`` whose top-left is (x, y) at level 0.
+
+        The output spans ``width_px * target_mpp / mpp_x`` level-0 pixels across (likewise
+        down). It is read from the level at or just finer than the target and resized with
+        an antialiasing filter; sub-pixel offsets are honoured. Outside the slide is white.
+        """
+        if width_px <= 0 or height_px <= 0:
+            raise ValueError(f"region size must be positive, got {width_px} x {height_px} px")
+        while True:
+            level = self.best_level_for_mpp(target_mpp)
+            try:
+                return self._read_at_mpp_from(level, x, y, width_px, height_px, target_mpp)
+            except CorruptSlideError:
+                if level == 0:
+                    raise
+                _log.warning("pyramid level %d failed to decode; reading finer levels", level)
+                self._level_ok[level] = False
+
+    def _read_at_mpp_from(
+        self, level: int, x: float, y: float, width_px: int, height_px: int, target_mpp: float
+    ) -> np.ndarray:
+        ds = self.info.level_downsamples[level]
+        level_mpp_x, level_mpp_y = self.level_mpp(level)
+        lx, ly = x / ds, y / ds  # top-left in level pixels (float)
+        lw = width_px * target_mpp / level_mpp_x
+        lh = height_px * target_mpp / level_mpp_y
+        exact = (
+            math.isclose(lw, width_px, rel_tol=1e-9)
+            and math.isclose(lh, height_px, rel_tol=1e-9)
+            and math.isclose(lx, round(lx), abs_tol=1e-6)
+            and math.isclose(ly, round(ly), abs_tol=1e-6)
+        )
+        if exact:
+            return self.read_region(round(lx * ds), round(ly * ds), level, width_px, height_px)
+        # Read a margin around the box so the resampling filter sees real neighbours.
+        margin = 3 * math.ceil(max(lw / width_px, lh / height_px, 1.0)) + 1
+        ix0, iy0 = math.floor(lx) - margin, math.floor(ly) - margin
+        ix1, iy1 = math.ceil(lx + lw) + margin, math.ceil(ly + lh) + margin
+        pixels = self.read_region(
+            round(ix0 * ds), round(iy0 * ds), level, ix1 - ix0, iy1 - iy0
+        )
+        box = (lx - ix0, ly - iy0, lx - ix0 + lw, ly - iy0 + lh)
+        resized = Image.fromarray(pixels).resize(
+            (width_px, height_px), Image.Resampling.LANCZOS, box=box
+        )
+        return np.asarray(resized)
+
+    def thumbnail_shape(self, mpp: float) -> tuple[int, int]:
+        """(rows, cols) of the whole slide rendered at ``mpp`` µm/px."""
+        rows = max(1, round(self.info.height * self.mpp.mpp_y / mpp))
+        cols = max(1, round(self.info.width * self.mpp.mpp_x / mpp))
+        return rows, cols
+
+    def read_thumbnail(self, mpp: float) -> np.ndarray:
+        """The whole slide at ``mpp`` µm/px (square pixels), read block by block."""
+        rows, cols = self.thumbnail_shape(mpp)
+        out = np.empty((rows, cols, 3), dtype=np.uint8)
+        step_x = mpp / self.mpp.mpp_x  # level-0 pixels per output pixel
+        step_y = mpp / self.mpp.mpp_y
+        for r0 in range(0, rows, _THUMBNAIL_BLOCK_PX):
+            h = min(_THUMBNAIL_BLOCK_PX, rows - r0)
+            for c0 in range(0, cols, _THUMBNAIL_BLOCK_PX):
+                w = min(_THUMBNAIL_BLOCK_PX, cols - c0)
+                out[r0 : r0 + h, c0 : c0 + w] = self.read_region_at_mpp(
+                    c0 * step_x, r0 * step_y, w, h, mpp
+                )
+        return out
+
+
+def open_slide(
+    path: str | os.PathLike[str],
+    *,
+    backend: BackendName = "auto",
+    mpp_policy: MppPolicy | None = None,
+) -> Slide:
+    """Open a slide for analysis; raises :class:`MissingMppError` when its scale is unknown."""
+    opened = open_backend(path, backend)
+    try:
+        resolution = resolve_mpp(
+            opened.metadata_mpp,
+            slide_path=Path(path),
+            vendor=opened.vendor,
+            objective_power=opened.objective_power,
+            policy=mpp_policy or MppPolicy(),
+        )
+    except BaseException:
+        opened.close()
+        raise
+    return Slide(opened, resolution)
