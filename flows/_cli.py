@@ -110,7 +110,7 @@ def _fmt(value: float | None, unit: str = "", digits: int = 4) -> str:
 
 def _human(report: SlideReport, label: str) -> str:
     data = report.to_json()
-    lines = [f"{label}  slide {data['slide_id'] or '(unidentified)'}"]
+    lines = [f"{label} slide {data['slide_id'] or '(unidentified)'}"]
     if report.info is not None:
         info = report.info
         lines.append(f"  size        {info.width} x {info.height} px, {len(info.level_dimensions)} level(s)")
@@ -167,7 +167,7 @@ def _cmd_inspect(args: argparse.Namespace, config: WsiflowConfig) -> int:
             if args.show_paths:
                 entry["input"] = slide
             reports.append(entry)
-        elif report.error is None:
+        elif report.info is not None:
             print(_human(report, label))
     if args.json:
         print(json.dumps(reports, indent=2, ensure_ascii=False))

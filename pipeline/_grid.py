@@ -18,10 +18,13 @@ import numpy as np
 from ._errors import ConfigError
 from ._tissue import TissueMask
 
-__all__ = ["GridSpec", "TileGrid", "make_tile_grid", "grid_shape"]
+__all__ = ["GridSpec", "TileGrid", "make_tile_grid", "grid_shape", "MAX_GRID_POSITIONS"]
 
 EdgeMode = Literal["pad", "drop"]
 _EPS = 1e-9
+MAX_GRID_POSITIONS = 20_000_000
+"""A larger grid is a configuration mistake (a 200k px slide at 0.25 µm/px with 224 px
+tiles has under a million positions) and would exhaust memory."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,11 @@ def _count(extent: float, tile: float, stride: float, edge: EdgeMode) -> int:
         return int(math.floor((extent - tile) / stride + _EPS)) + 1
     if tile >= extent * (1 - _EPS):
         return 1
-    return int(math.ceil((extent - tile) / stride - _EPS)) + 1
+    # Enough tiles to reach the edge, but no tile may start at or beyond it (this
+    # matters when the stride is larger than the tile).
+    to_cover = int(math.ceil((extent - tile) / stride - _EPS)) + 1
+    starting_inside = int(math.ceil(extent / stride - _EPS))
+    return min(to_cover, starting_inside)
 
 
 def grid_shape(
@@ -200,6 +207,12 @@ def make_tile_grid(
     Without a ``tissue`` mask every grid position is kept. Tiles are ordered row-major.
     """
     n_rows, n_cols = grid_shape(slide_width, slide_height, mpp_x, mpp_y, spec)
+    if n_rows * n_cols > MAX_GRID_POSITIONS:
+        raise ConfigError(
+            f"the grid would have {n_rows} x {n_cols} tile positions "
+            f"(more than {MAX_GRID_POSITIONS:,})",
+            hint="use a larger tile_size_px, target_mpp or stride_px",
+        )
     rows, cols = np.divmod(np.arange(n_rows * n_cols, dtype=np.int64), max(n_cols, 1))
     stride = spec.effective_stride_px * spec.target_mpp
     x = cols * (stride / mpp_x)
