@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from models import AcceptanceThresholds
 from pipeline import (
     BACKEND_NAMES,
     ConfigError,
@@ -20,7 +21,8 @@ from pipeline import (
 
 __all__ = ["WsiflowConfig", "load_config", "parse_config", "default_config_text"]
 
-_TOP_KEYS = {"backend", "tissue", "grid", "mpp_overrides"}
+_TOP_KEYS = {"backend", "tissue", "grid", "mpp_overrides", "models"}
+_MODELS_KEYS = {"registry_dir", "acceptance"}
 _OVERRIDE_KEYS = {"label", "vendor", "folder", "mpp", "mpp_x", "mpp_y", "only_if_missing"}
 
 
@@ -32,6 +34,9 @@ class WsiflowConfig:
     tissue: TissueParams = field(default_factory=TissueParams)
     grid: GridSpec = field(default_factory=GridSpec)
     mpp_overrides: tuple[MppOverride, ...] = ()
+    models_dir: Path | None = None
+    """Site model registry; None: $WSIFLOW_MODELS_DIR or the site directory's models/."""
+    acceptance: AcceptanceThresholds = field(default_factory=AcceptanceThresholds)
 
 
 def default_config_text() -> str:
@@ -101,8 +106,15 @@ def parse_config(data: object) -> WsiflowConfig:
     overrides = data.get("mpp_overrides") or []
     if not isinstance(overrides, list):
         raise ConfigError("mpp_overrides must be a list")
+    models = data.get("models") or {}
+    if not isinstance(models, dict):
+        raise ConfigError("'models' must be a mapping")
+    _check_keys("'models'", models, _MODELS_KEYS)
+    registry_dir = models.get("registry_dir")
     return WsiflowConfig(
         backend=backend,
+        models_dir=Path(registry_dir).expanduser() if registry_dir else None,
+        acceptance=_section(AcceptanceThresholds, "models.acceptance", models.get("acceptance"), base.acceptance),
         tissue=_section(TissueParams, "tissue", data.get("tissue"), base.tissue),
         grid=_section(GridSpec, "grid", data.get("grid"), base.grid),
         mpp_overrides=tuple(_override(i, o) for i, o in enumerate(overrides)),

@@ -1,0 +1,57 @@
+"""Local model registry, verified loading, the bundled tissue-QC model, training, validation."""
+
+from ._errors import (
+    AcceptanceError,
+    ManifestError,
+    ModelNotFoundError,
+    ReadOnlyModelError,
+    TrainingDataError,
+    UnsafeWeightsError,
+    WeightsIntegrityError,
+)
+from ._loading import LoadedModel, build_module, load_model_from_dir
+from ._manifest import ClassInfo, Lineage, ModelManifest, Validation, parse_manifest, read_manifest, write_manifest
+from ._metrics import classification_metrics, confusion_matrix, expected_calibration_error
+from ._registry import (
+    BUNDLED_ROOT,
+    DEFAULT_MODEL,
+    AcceptanceThresholds,
+    ModelEntry,
+    Registry,
+    parse_ref,
+    site_models_dir,
+)
+from ._train import EpochStats, TrainSettings, train_module
+
+__all__ = [
+    "BUNDLED_ROOT",
+    "DEFAULT_MODEL",
+    "AcceptanceError",
+    "AcceptanceThresholds",
+    "ClassInfo",
+    "EpochStats",
+    "LoadedModel",
+    "Lineage",
+    "ManifestError",
+    "ModelEntry",
+    "ModelManifest",
+    "ModelNotFoundError",
+    "ReadOnlyModelError",
+    "Registry",
+    "TrainSettings",
+    "TrainingDataError",
+    "UnsafeWeightsError",
+    "Validation",
+    "WeightsIntegrityError",
+    "build_module",
+    "classification_metrics",
+    "confusion_matrix",
+    "expected_calibration_error",
+    "load_model_from_dir",
+    "parse_manifest",
+    "parse_ref",
+    "read_manifest",
+    "site_models_dir",
+    "train_module",
+    "write_manifest",
+]

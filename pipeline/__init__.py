@@ -3,6 +3,7 @@
 Imports nothing from ``models``, ``flows`` or ``viewer``.
 """
 
+from ._classifier import PatchClassifier, Preprocessing, classify_tiles, tiles_to_tensor
 from ._backend import BACKEND_NAMES, BackendName, SlideBackend, open_backend
 from ._errors import (
     ConfigError,
@@ -13,7 +14,7 @@ from ._errors import (
     UnsupportedSlideError,
     WsiflowError,
 )
-from ._grid import GridSpec, TileGrid, grid_shape, make_tile_grid
+from ._grid import MAX_GRID_POSITIONS, GridSpec, TileGrid, grid_shape, make_tile_grid
 from ._inspect import SlideReport, inspect_slide
 from ._mpp import (
     PLAUSIBLE_MPP_RANGE,
@@ -35,6 +36,11 @@ from ._slide import Slide, SlideInfo, open_slide, slide_info
 from ._tissue import TissueMask, TissueParams, detect_tissue, pen_mask
 
 __all__ = [
+    "PatchClassifier",
+    "Preprocessing",
+    "classify_tiles",
+    "tiles_to_tensor",
+    "MAX_GRID_POSITIONS",
     "BACKEND_NAMES",
     "BackendName",
     "ConfigError",

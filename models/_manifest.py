@@ -1,0 +1,248 @@
+"""Model manifests: the schema, parsing (validated) and serialisation.
+
+A manifest pins everything needed to run a model the way it was trained: architecture,
+classes and colours, tile size and µm/px, normalisation, and the sha256 of its weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipeline import Preprocessing
+
+from ._errors import ManifestError
+
+__all__ = [
+    "SCHEMA",
+    "ClassInfo",
+    "Lineage",
+    "Validation",
+    "ModelManifest",
+    "parse_manifest",
+    "read_manifest",
+    "write_manifest",
+    "MANIFEST_NAME",
+]
+
+SCHEMA = "wsiflow.model/1"
+MANIFEST_NAME = "manifest.json"
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_COLOR_RE = re.compile(r"^#[0-9a-fA-F]{6}$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    name: str
+    color: str
+    """Display colour, ``#rrggbb``."""
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where a model came from: digests only, never file names."""
+
+    parent: str | None = None
+    """``name@version`` of the model it was fine-tuned from."""
+    parent_sha256: str | None = None
+    training_data_digest: str | None = None
+    slide_digests: tuple[str, ...] = ()
+    annotation_digests: tuple[str, ...] = ()
+    source_digest: str | None = None
+    """sha256 of the checkpoint it was imported from (``models import``)."""
+
+
+@dataclass(frozen=True)
+class Validation:
+    date: str
+    dataset: str
+    """What it was validated on, in words (no paths)."""
+    dataset_digest: str | None
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    name: str
+    version: int
+    timm_name: str
+    classes: tuple[ClassInfo, ...]
+    tile_size_px: int
+    target_mpp: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_file: str
+    weights_sha256: str
+    intended_use: str
+    created_at: str
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    lineage: Lineage = field(default_factory=Lineage)
+    validation: Validation | None = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.classes)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.tile_size_px, self.target_mpp, self.mean, self.std)
+
+    def with_validation(self, validation: Validation) -> ModelManifest:
+        return replace(self, validation=validation)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "name": self.name,
+            "version": self.version,
+            "architecture": {"timm_name": self.timm_name, "kwargs": dict(self.timm_kwargs)},
+            "classes": [asdict(c) for c in self.classes],
+            "tile_size_px": self.tile_size_px,
+            "target_mpp": self.target_mpp,
+            "normalization": {"mean": list(self.mean), "std": list(self.std)},
+            "weights": {"file": self.weights_file, "sha256": self.weights_sha256},
+            "lineage": {
+                **asdict(self.lineage),
+                "slide_digests": list(self.lineage.slide_digests),
+                "annotation_digests": list(self.lineage.annotation_digests),
+            },
+            "intended_use": self.intended_use,
+            "validation": asdict(self.validation) if self.validation else None,
+            "created_at": self.created_at,
+        }
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _get(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
+    if key not in data:
+        raise ManifestError(f"manifest field {where}{key} is missing")
+    value = data[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ManifestError(f"manifest field {where}{key} = {value!r} has the wrong type")
+    return value
+
+
+def _triple(values: object, where: str) -> tuple[float, float, float]:
+    if not (isinstance(values, list) and len(values) == 3 and all(isinstance(v, (int, float)) for v in values)):
+        raise ManifestError(f"manifest field {where} must be a list of 3 numbers, got {values!r}")
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+def parse_manifest(data: object) -> ModelManifest:
+    """Validate a manifest document (already parsed from JSON/YAML)."""
+    if not isinstance(data, dict):
+        raise ManifestError("a manifest must be a JSON object")
+    if data.get("schema") != SCHEMA:
+        raise ManifestError(f"manifest schema {data.get('schema')!r} is not {SCHEMA!r}")
+    name = _get(data, "name", str)
+    if not _NAME_RE.match(name):
+        raise ManifestError(f"model name {name!r} must be lower-case letters, digits, '.', '_' or '-'")
+    version = _get(data, "version", int)
+    if version < 1:
+        raise ManifestError(f"model version {version} must be a positive integer")
+    arch = _get(data, "architecture", dict)
+    timm_name = _get(arch, "timm_name", str, "architecture.")
+    timm_kwargs = arch.get("kwargs") or {}
+    if not isinstance(timm_kwargs, dict):
+        raise ManifestError("manifest field architecture.kwargs must be an object")
+    classes_raw = _get(data, "classes", list)
+    classes = []
+    for i, entry in enumerate(classes_raw):
+        if not isinstance(entry, dict):
+            raise ManifestError(f"manifest field classes[{i}] must be an object")
+        cname = _get(entry, "name", str, f"classes[{i}].")
+        color = _get(entry, "color", str, f"classes[{i}].")
+        if not _COLOR_RE.match(color):
+            raise ManifestError(f"class {cname!r} colour {color!r} must be #rrggbb")
+        classes.append(ClassInfo(cname, color.lower()))
+    if len(classes) < 2 or len({c.name for c in classes}) != len(classes):
+        raise ManifestError("a model needs at least two classes with distinct names")
+    tile = _get(data, "tile_size_px", int)
+    mpp = float(_get(data, "target_mpp", (int, float)))
+    if tile < 8 or not (math.isfinite(mpp) and 0.05 <= mpp <= 1000):
+        raise ManifestError(f"tile_size_px {tile} / target_mpp {mpp} out of range")
+    norm = _get(data, "normalization", dict)
+    mean = _triple(norm.get("mean"), "normalization.mean")
+    std = _triple(norm.get("std"), "normalization.std")
+    if any(s <= 0 for s in std):
+        raise ManifestError("normalization.std values must be positive")
+    weights = _get(data, "weights", dict)
+    weights_file = _get(weights, "file", str, "weights.")
+    if "/" in weights_file or "\\" in weights_file or weights_file.startswith("."):
+        raise ManifestError(f"weights.file {weights_file!r} must be a plain file name beside the manifest")
+    if not weights_file.endswith(".safetensors"):
+        raise ManifestError(
+            f"weights.file {weights_file!r} is not a .safetensors file; wsiflow loads safetensors only"
+        )
+    sha = _get(weights, "sha256", str, "weights.")
+    if not _SHA_RE.match(sha):
+        raise ManifestError(f"weights.sha256 {sha!r} is not 64 lower-case hex digits")
+    lineage_raw = data.get("lineage") or {}
+    if not isinstance(lineage_raw, dict):
+        raise ManifestError("manifest field lineage must be an object")
+    allowed = {f for f in Lineage.__dataclass_fields__}
+    if set(lineage_raw) - allowed:
+        raise ManifestError(f"unknown lineage field(s) {sorted(set(lineage_raw) - allowed)}")
+    lineage = Lineage(
+        **{
+            **lineage_raw,
+            "slide_digests": tuple(lineage_raw.get("slide_digests") or ()),
+            "annotation_digests": tuple(lineage_raw.get("annotation_digests") or ()),
+        }
+    )
+    validation_raw = data.get("validation")
+    validation = None
+    if validation_raw is not None:
+        if not isinstance(validation_raw, dict):
+            raise ManifestError("manifest field validation must be an object or null")
+        validation = Validation(
+            date=_get(validation_raw, "date", str, "validation."),
+            dataset=_get(validation_raw, "dataset", str, "validation."),
+            dataset_digest=validation_raw.get("dataset_digest"),
+            metrics=_get(validation_raw, "metrics", dict, "validation."),
+        )
+    return ModelManifest(
+        name=name,
+        version=version,
+        timm_name=timm_name,
+        timm_kwargs=dict(timm_kwargs),
+        classes=tuple(classes),
+        tile_size_px=tile,
+        target_mpp=mpp,
+        mean=mean,
+        std=std,
+        weights_file=weights_file,
+        weights_sha256=sha,
+        lineage=lineage,
+        intended_use=_get(data, "intended_use", str),
+        validation=validation,
+        created_at=_get(data, "created_at", str),
+    )
+
+
+def read_manifest(path: Path) -> ModelManifest:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"manifest is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    return parse_manifest(data)
+
+
+def write_manifest(manifest: ModelManifest, path: Path) -> None:
+    """Write atomically (temp file + rename): a reader never sees half a manifest."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
