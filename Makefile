@@ -26,11 +26,12 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup system-deps sample demo test clean
+.PHONY: help setup system-deps sample demo test model clean
 
 help:
 	@echo "make demo   set up, fetch the sample slide, run wsiflow on it"
 	@echo "make test   set up (venv, system packages) and run the test suite"
+	@echo "make model  retrain the bundled tissue-qc model (minutes; needs ../shared/data)"
 	@echo "make clean  remove the venv and caches"
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -75,9 +76,14 @@ $(SAMPLE): | $(VENV)/.installed
 demo: setup sample
 	@echo "== wsiflow inspect on the sample slide"
 	$(VENV)/bin/wsiflow inspect $(SAMPLE)
+	@echo "== the local model registry (bundled, sha256-verified)"
+	$(VENV)/bin/wsiflow models verify
 
 test: setup system-deps
 	$(PY) -m pytest
+
+model: setup
+	$(PY) -m models.train_tissue_qc --data $(SHARED_DATA)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .hypothesis *.egg-info

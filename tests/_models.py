@@ -1,0 +1,46 @@
+"""A tiny timm model in a site registry, for fast registry/training tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from models import ClassInfo, ModelManifest, Registry, build_module
+from models._manifest import now_iso
+from models._weights import sha256_bytes, state_dict_to_safetensors
+
+__all__ = ["tiny_manifest", "add_tiny_model"]
+
+
+def tiny_manifest(name: str = "tiny", version: int = 1, classes: tuple[str, ...] = ("background", "tissue")) -> ModelManifest:
+    palette = ("#cccccc", "#2ca02c", "#1f3fbf", "#ff7f0e")
+    return ModelManifest(
+        name=name,
+        version=version,
+        timm_name="test_efficientnet",
+        classes=tuple(ClassInfo(c, palette[i % 4]) for i, c in enumerate(classes)),
+        tile_size_px=64,
+        target_mpp=4.0,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        weights_file="weights.safetensors",
+        weights_sha256="0" * 64,
+        intended_use="tests only",
+        created_at=now_iso(),
+    )
+
+
+def add_tiny_model(registry: Registry, name: str = "tiny", version: int = 1, seed: int = 0) -> ModelManifest:
+    from dataclasses import replace
+
+    manifest = tiny_manifest(name, version)
+    torch.manual_seed(seed)
+    weights = state_dict_to_safetensors(build_module(manifest).state_dict())
+    manifest = replace(manifest, weights_sha256=sha256_bytes(weights))
+    registry.add(manifest, weights)
+    return manifest
+
+
+def registry_at(path: Path) -> Registry:
+    return Registry(site_root=path)
