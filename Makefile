@@ -73,11 +73,16 @@ $(SAMPLE): | $(VENV)/.installed
 		{ echo "error: sample slide checksum mismatch; delete $(SAMPLE_DIR) and retry"; rm -f $@.part; exit 1; }
 	@mv $@.part $@
 
+DEMO_OUT ?= demo-out
+
 demo: setup sample
 	@echo "== wsiflow inspect on the sample slide"
 	$(VENV)/bin/wsiflow inspect $(SAMPLE)
 	@echo "== the local model registry (bundled, sha256-verified)"
 	$(VENV)/bin/wsiflow models verify
+	@echo "== wsiflow run: the bundled tissue-qc model on the sample slide"
+	$(VENV)/bin/wsiflow run $(SAMPLE) --out $(DEMO_OUT) --stride 112
+	@echo "== results are in $(DEMO_OUT)/<slide id>/tissue-qc/ (overview.png, heatmap.ome.zarr, tiles.parquet, results.geojson, summary.json)"
 
 test: setup system-deps
 	$(PY) -m pytest
@@ -86,4 +91,4 @@ model: setup
 	$(PY) -m models.train_tissue_qc --data $(SHARED_DATA)
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .cache .pytest_cache .hypothesis *.egg-info $(DEMO_OUT)

@@ -19,6 +19,7 @@ from pipeline import ConfigError, WsiflowError, apply_offline_env
 from ._cli_common import EXIT_FAILED, EXIT_USAGE
 from ._cli_inspect import add_inspect_parser, run_inspect
 from ._cli_models import add_models_parser, run_models
+from ._cli_run import add_run_parser, run_run
 from ._cli_train import add_train_parser, add_validate_parser, run_train, run_validate
 from ._config import load_config
 
@@ -29,6 +30,7 @@ _log = logging.getLogger("wsiflow")
 _COMMANDS = {
     "inspect": run_inspect,
     "models": run_models,
+    "run": run_run,
     "train": run_train,
     "validate": run_validate,
 }
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show progress logs")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_inspect_parser(commands)
+    add_run_parser(commands)
     add_models_parser(commands)
     add_train_parser(commands)
     add_validate_parser(commands)

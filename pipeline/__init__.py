@@ -4,10 +4,14 @@ Imports nothing from ``models``, ``flows`` or ``viewer``.
 """
 
 from ._classifier import PatchClassifier, Preprocessing, classify_tiles, tiles_to_tensor
+from ._analysis import RESULT_MANIFEST, AnalysisParams, ChunkExecutor, ModelInfo, SlideOutcome, analyse_slide, run_chunk
+from ._chunks import ChunkTask, plan_chunks
+from ._engine import EngineSettings, classify_stream, resolve_device
 from ._backend import BACKEND_NAMES, BackendName, SlideBackend, open_backend
 from ._errors import (
     ConfigError,
     CorruptSlideError,
+    OutputError,
     MissingMppError,
     SlideNotFoundError,
     SlidePermissionError,
@@ -36,6 +40,19 @@ from ._slide import Slide, SlideInfo, open_slide, slide_info
 from ._tissue import TissueMask, TissueParams, detect_tissue, pen_mask
 
 __all__ = [
+    "RESULT_MANIFEST",
+    "AnalysisParams",
+    "ChunkExecutor",
+    "ChunkTask",
+    "EngineSettings",
+    "ModelInfo",
+    "OutputError",
+    "SlideOutcome",
+    "analyse_slide",
+    "classify_stream",
+    "plan_chunks",
+    "resolve_device",
+    "run_chunk",
     "PatchClassifier",
     "Preprocessing",
     "classify_tiles",

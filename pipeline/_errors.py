@@ -16,6 +16,7 @@ __all__ = [
     "CorruptSlideError",
     "MissingMppError",
     "ConfigError",
+    "OutputError",
 ]
 
 
@@ -92,3 +93,10 @@ class ConfigError(WsiflowError, ValueError):
 
     kind = "config"
     hint = "fix the value in the config file or on the command line"
+
+
+class OutputError(WsiflowError, OSError):
+    """Results could not be written (disk full, no permission on the output folder)."""
+
+    kind = "output"
+    hint = "free disk space or fix the output folder's permissions, then run again: finished chunks are kept"

@@ -1,0 +1,164 @@
+"""``wsiflow run``: classify slides into heatmaps, tables, GeoJSON and summaries."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from models import DEFAULT_MODEL
+from pipeline import (
+    BACKEND_NAMES,
+    AnalysisParams,
+    EngineSettings,
+    ModelInfo,
+    MppPolicy,
+    SlideOutcome,
+    analyse_slide,
+    site_secret,
+)
+
+from ._cli_common import EXIT_FAILED, EXIT_OK, mpp_arg
+from ._cli_models import registry_for
+from ._config import WsiflowConfig
+
+__all__ = ["add_run_parser", "run_run", "expand_slides", "SLIDE_SUFFIXES"]
+
+SLIDE_SUFFIXES = frozenset({
+    ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".tif", ".tiff", ".vms", ".vmu", ".svslide", ".dcm",
+})
+
+
+def add_run_parser(commands: argparse._SubParsersAction) -> None:
+    run = commands.add_parser(
+        "run",
+        help="classify slides into heatmaps (OME-Zarr), tables, GeoJSON and summaries",
+        description=(
+            "Analyse each slide with a registry model: tissue detection, tile grid, batched "
+            "inference, results in OUT/<slide id>/<model>/. Interrupted runs resume; complete "
+            "results with the same slide content, model and parameters are reused."
+        ),
+    )
+    run.add_argument("slides", nargs="+", metavar="SLIDE|DIR|GLOB")
+    run.add_argument("--out", type=Path, required=True, metavar="DIR", help="results folder")
+    run.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME[@VERSION]", help=f"default: {DEFAULT_MODEL}")
+    run.add_argument("--mpp", type=mpp_arg, metavar="X[,Y]", help="µm/px to use, overriding slide metadata (recorded)")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    run.add_argument("--batch-size", type=int, default=64, metavar="N")
+    run.add_argument("--readers", type=int, default=2, metavar="N", help="tile reader threads (default 2)")
+    run.add_argument("--stride", type=int, metavar="PX", help="step between tiles at the model's µm/px (default: tile size)")
+    run.add_argument("--min-tissue-fraction", type=float, metavar="F", help="keep tiles with at least this tissue (default: config)")
+    run.add_argument("--edge", choices=("pad", "drop"), help="partial edge tiles (default: config)")
+    run.add_argument("--chunk-cells", type=int, default=64, metavar="N", help="heatmap block edge in tiles: unit of work/resume")
+    run.add_argument("--overview-class", metavar="CLASS", help="class shown in overview.png (default: the second class)")
+    run.add_argument("--backend", choices=BACKEND_NAMES, help="slide reader (default: config, else auto)")
+    run.add_argument("--force", action="store_true", help="recompute even when a complete result exists")
+    run.add_argument("--json", action="store_true", help="one JSON object per slide, as a JSON list")
+    run.add_argument("--show-paths", action="store_true", help="echo each slide's path in the terminal output")
+
+
+def _is_dicom_folder(folder: Path) -> bool:
+    return any(p.suffix.lower() == ".dcm" for p in folder.iterdir() if p.is_file())
+
+
+def expand_slides(arguments: list[str]) -> list[str]:
+    """Files, DICOM folders, folders of slides and glob patterns -> slide paths (ordered, unique)."""
+    found: list[str] = []
+    for argument in arguments:
+        matches = sorted(glob.glob(argument)) if any(ch in argument for ch in "*?[") else [argument]
+        for match in matches:
+            path = Path(match)
+            if path.is_dir() and not _is_dicom_folder(path):
+                children = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+                found.extend(
+                    str(p) for p in children
+                    if (p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES) or (p.is_dir() and _is_dicom_folder(p))
+                )
+            else:
+                found.append(match)
+    unique: list[str] = []
+    for item in found:
+        if item not in unique:
+            unique.append(item)
+    return unique
+
+
+def _progress_factory(label: str, enabled: bool) -> Callable[[int, int], Callable[[int], None]]:
+    def start(total: int, done: int) -> Callable[[int], None]:
+        bar = tqdm(total=total, initial=done, unit="tile", desc=label, disable=None if enabled else True,
+                   dynamic_ncols=True, leave=False, file=sys.stderr)
+
+        def advance(n: int) -> None:
+            bar.update(n)
+            if bar.n >= bar.total:
+                bar.close()
+
+        return advance
+
+    return start
+
+
+def run_run(args: argparse.Namespace, config: WsiflowConfig) -> int:
+    registry = registry_for(config)
+    model = registry.load(args.model)
+    manifest = model.manifest
+    info = ModelInfo(manifest.name, manifest.version, manifest.weights_sha256, tuple(c.color for c in manifest.classes))
+    params = AnalysisParams(
+        stride_px=args.stride,
+        min_tissue_fraction=args.min_tissue_fraction if args.min_tissue_fraction is not None else config.grid.min_tissue_fraction,
+        edge=args.edge or config.grid.edge,
+        tissue=config.tissue,
+        chunk_cells=args.chunk_cells,
+        overview_class=args.overview_class,
+    )
+    params.grid_spec(model)  # validate stride etc. before touching any slide
+    engine = EngineSettings(batch_size=args.batch_size, readers=args.readers, device=args.device)
+    policy = MppPolicy(cli_mpp=args.mpp, overrides=config.mpp_overrides)
+    slides = expand_slides(args.slides)
+    if not slides:
+        print("wsiflow: error not-found: no slides matched the arguments", file=sys.stderr)
+        return EXIT_FAILED
+    secret = site_secret()
+    args.out.mkdir(parents=True, exist_ok=True)
+    outcomes: list[tuple[int, str, SlideOutcome]] = []
+    for index, slide in enumerate(slides):
+        label = f"[{index + 1}/{len(slides)}]" + (f" {slide}" if args.show_paths else "")
+        outcome = analyse_slide(
+            slide, model, info, out_dir=args.out, secret=secret, params=params, engine=engine,
+            mpp_policy=policy, backend=args.backend or config.backend, force=args.force,  # type: ignore[arg-type]
+            progress=_progress_factory(label, not args.json),
+        )
+        outcomes.append((index, slide, outcome))
+        if outcome.error is not None:
+            print(f"{label} slide {outcome.slide_id or '(unreadable)'} failed: {outcome.error.one_line()}", file=sys.stderr)
+        elif not args.json:
+            if outcome.status == "reused":
+                print(f"{label} slide {outcome.slide_id}: reused the complete result in {outcome.result_dir} "
+                      f"({outcome.tiles} tiles; --force recomputes)")
+            else:
+                rate = f", {outcome.tiles_per_s:.1f} tiles/s" if outcome.tiles_per_s else ""
+                resumed = (f", resumed: {outcome.chunks_computed} of {outcome.chunks_total} chunks computed"
+                           if outcome.chunks_computed < outcome.chunks_total else "")
+                print(f"{label} slide {outcome.slide_id}: done, {outcome.tiles} tiles{rate}{resumed}")
+                print(f"    overview {outcome.result_dir / 'overview.png'}")
+                print(f"    heatmap  {outcome.result_dir / 'heatmap.ome.zarr'}")
+    failed = [(i, o) for i, _, o in outcomes if o.status == "failed"]
+    if args.json:
+        rows = []
+        for index, slide, outcome in outcomes:
+            row = {**outcome.to_json(), "input_index": index}
+            if args.show_paths:
+                row["input"] = slide
+            rows.append(row)
+        print(json.dumps(rows, indent=2))
+    else:
+        counts = {s: sum(o.status == s for _, _, o in outcomes) for s in ("done", "reused", "failed")}
+        print(f"{len(outcomes)} slide(s): {counts['done']} done, {counts['reused']} reused, {counts['failed']} failed")
+        for index, outcome in failed:
+            print(f"  failed [{index + 1}/{len(slides)}] {outcome.error.kind}: {outcome.error.message}")  # type: ignore[union-attr]
+    return EXIT_FAILED if failed else EXIT_OK
