@@ -48,7 +48,7 @@ class Source:
 def load_source(data_dir: Path, spec: SourceSpec, target_mpp: float) -> Source:
     path = data_dir / spec.relative_path
     if not path.exists():
-        raise TrainingDataError(f"training source {spec.relative_path} is missing", hint=f"looked in the data folder given")
+        raise TrainingDataError(f"training source {spec.relative_path} is missing", hint="looked in the data folder given")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if path.suffix.lower() in (".svs", ".tif", ".tiff", ".ndpi"):
         policy = MppPolicy(cli_mpp=(spec.mpp, spec.mpp)) if spec.mpp else MppPolicy()

@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from ._loading import LoadedModel, build_module
 from ._manifest import ClassInfo, Lineage, ModelManifest, Validation, now_iso, write_manifest

@@ -115,7 +115,7 @@ def classify_stream(
         next_batch = 0
         done = 0
         try:
-            for position, batch in enumerate(batches):
+            for batch in batches:
                 while next_batch < len(batches) and len(pending) < settings.prefetch_batches + 1:
                     pending.append(read_batch(batches[next_batch], pool))
                     next_batch += 1

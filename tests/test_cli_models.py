@@ -145,7 +145,6 @@ def test_finetune_validate_promote(wsiflow_cli, site, tmp_path, cmu_svs):
 def test_validate_on_a_labelled_patch_folder(wsiflow_cli, site, tmp_path):
     _, env = site
     folder = tmp_path / "patches"
-    rng = np.random.default_rng(1)
     for name, colour in (("background", 240), ("tissue", 150)):
         (folder / name).mkdir(parents=True)
         for i in range(3):

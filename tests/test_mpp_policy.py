@@ -7,8 +7,8 @@ from pipeline import ConfigError, MissingMppError, MppOverride, MppPolicy, resol
 SLIDE = Path("/data/frozen/2024/case.svs")
 
 
-def _resolve(meta, policy=MppPolicy(), vendor="aperio", power=None, path=SLIDE):
-    return resolve_mpp(meta, slide_path=path, vendor=vendor, objective_power=power, policy=policy)
+def _resolve(meta, policy=None, vendor="aperio", power=None, path=SLIDE):
+    return resolve_mpp(meta, slide_path=path, vendor=vendor, objective_power=power, policy=policy or MppPolicy())
 
 
 def test_metadata_is_used_when_plausible():

@@ -1,0 +1,183 @@
+"""End-to-end benchmark of `wsiflow run` on a generated >= 1 gigapixel slide of real tissue.
+
+    .venv/bin/python -m bench.bench_run [--size 32768] [--tissue 0.25] [--work /tmp/wsiflow-bench]
+
+Reports, from one run, as JSON: model-only throughput on pre-decoded tiles; reader-only
+throughput (the engine's reader threads, no model) beside single-threaded
+``openslide.read_region`` and raw JPEG decode of the same tiles; end-to-end tiles/s; peak
+RSS of a full run on the slide and on one of 4x the area. Targets (issue 4): end-to-end >=
+0.9 x min(model-only, reader-only); reader >= 3 x openslide.read_region per core; peak RSS
+grows < 20 % for the 4x slide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiles(slide_path: Path, count: int):
+    from models import Registry
+    from pipeline import GridSpec, make_tile_grid, open_slide
+
+    model = Registry().load("tissue-qc")
+    prep = model.preprocessing
+    slide = open_slide(slide_path)
+    grid = make_tile_grid(*slide.dimensions, slide.mpp.mpp_x, slide.mpp.mpp_y, GridSpec(prep.tile_size_px, prep.target_mpp))
+    # Tiles on tissue: skip the glass (bright) ones using a cheap look at the centre pixel.
+    picks = []
+    for x, y in zip(grid.x, grid.y):
+        if slide.read_region(int(x + 200), int(y + 200), 0, 1, 1).mean() < 230:
+            picks.append((float(x), float(y)))
+        if len(picks) >= count:
+            break
+    return model, slide, picks
+
+
+def measure_components(slide_path: Path, count: int, readers: int) -> dict[str, float]:
+    import openslide
+    import tifffile
+
+    from pipeline import classify_tiles
+
+    model, slide, picks = _tiles(slide_path, count)
+    prep = model.preprocessing
+    tile, mpp = prep.tile_size_px, prep.target_mpp
+    decoded = np.stack([slide.read_region_at_mpp(x, y, tile, tile, mpp) for x, y in picks[:128]])
+    classify_tiles(model, decoded[:32])
+    start = time.perf_counter()
+    reps = max(1, count // len(decoded))
+    for _ in range(reps):
+        classify_tiles(model, decoded, batch_size=64)
+    model_only = reps * len(decoded) / (time.perf_counter() - start)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(readers) as pool:
+        list(pool.map(lambda p: slide.read_region_at_mpp(p[0], p[1], tile, tile, mpp), picks))
+    reader_only = len(picks) / (time.perf_counter() - start)
+
+    raw = openslide.OpenSlide(str(slide_path))
+    side = round(tile * mpp / slide.mpp.mpp_x)
+    start = time.perf_counter()
+    for x, y in picks:
+        raw.read_region((int(x), int(y)), 0, (side, side))
+    openslide_rate = len(picks) / (time.perf_counter() - start)
+
+    # Raw JPEG decode of the stored tiles covering the same regions (level 0, single thread).
+    with tifffile.TiffFile(slide_path) as tif:
+        page = tif.pages[0]
+        per_row = -(-page.imagewidth // page.tilewidth)
+        indices = set()
+        for x, y in picks:
+            for ty in range(int(y) // 256, (int(y) + side - 1) // 256 + 1):
+                for tx in range(int(x) // 256, (int(x) + side - 1) // 256 + 1):
+                    indices.add(ty * per_row + tx)
+        fh = tif.filehandle
+        blobs = []
+        for i in sorted(indices):
+            fh.seek(page.dataoffsets[i])
+            blobs.append(fh.read(page.databytecounts[i]))
+        tables = page.jpegtables
+    import imagecodecs
+
+    start = time.perf_counter()
+    for blob in blobs:
+        imagecodecs.jpeg8_decode(blob, tables=tables, colorspace="RGB", outcolorspace="RGB")
+    jpeg_tiles_per_s = len(blobs) / (time.perf_counter() - start)
+    jpeg_per_model_tile = jpeg_tiles_per_s * len(picks) / len(blobs)
+
+    # The engine's reader path alone (threads, no model): same as reader_only but via classify_stream's pool.
+    return {
+        "model_only_tiles_per_s": round(model_only, 1),
+        "reader_only_tiles_per_s": round(reader_only, 1),
+        "reader_threads": readers,
+        "openslide_read_region_tiles_per_s_1thread": round(openslide_rate, 1),
+        "raw_jpeg_decode_model_tiles_per_s_1thread": round(jpeg_per_model_tile, 1),
+        "tiles_measured": len(picks),
+    }
+
+
+def run_and_measure(slide_path: Path, out: Path, readers: int) -> dict[str, float]:
+    """A full `wsiflow run` in a child process: its tiles/s and peak RSS."""
+    env = {**os.environ, "WSIFLOW_HOME": str(out / "site")}
+    start = time.perf_counter()
+    code = (
+        "import json, resource, sys; from flows import main; rc = main(sys.argv[1:]); "
+        "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "run", str(slide_path), "--out", str(out), "--json", "--force",
+         "--readers", str(readers), "--device", "cpu"],
+        capture_output=True, text=True, env=env, cwd=ROOT,
+    )
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-2000:])
+    row = json.loads(result.stdout)[0]
+    rss_kib = int(next(line.split()[1] for line in result.stderr.splitlines() if line.startswith("RSS")))
+    summary = json.loads((Path(row["result_dir"]) / "summary.json").read_text())
+    return {
+        "tiles": row["tiles"],
+        "end_to_end_tiles_per_s": row["tiles_per_s"],
+        "wall_s": round(wall, 1),
+        "tissue_s": summary["timings"]["tissue_s"],
+        "finalize_s": summary["timings"]["finalize_s"],
+        "peak_rss_mib": round(rss_kib / 1024, 1),
+    }
+
+
+def main() -> None:
+    from bench._mosaic import write_mosaic_slide
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int, default=32768, help="side of the 1x slide in level-0 px (32768 = 1.07 gigapixel)")
+    parser.add_argument("--tissue", type=float, default=0.25, help="fraction of the slide covered by tissue islands")
+    parser.add_argument("--readers", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/wsiflow-bench"))
+    parser.add_argument("--source", type=Path, default=ROOT.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs")
+    parser.add_argument("--skip-4x", action="store_true")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    report: dict[str, object] = {
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+    }
+    slides = {"1x": args.size} if args.skip_4x else {"1x": args.size, "4x": args.size * 2}
+    paths = {}
+    for name, side in slides.items():
+        path = args.work / f"mosaic-{side}.tiff"
+        if not path.exists():
+            start = time.perf_counter()
+            write_mosaic_slide(path, args.source, side, args.tissue)
+            report[f"generate_{name}_s"] = round(time.perf_counter() - start, 1)
+        paths[name] = path
+        report[f"slide_{name}"] = {"side_px": side, "gigapixels": round(side * side / 1e9, 2),
+                                    "file_mib": round(path.stat().st_size / 2**20, 1)}
+    report["components"] = measure_components(paths["1x"], 512, args.readers)
+    for name, path in paths.items():
+        report[f"run_{name}"] = run_and_measure(path, args.work / f"out-{name}", args.readers)
+    comp = report["components"]
+    e2e = report["run_1x"]["end_to_end_tiles_per_s"]
+    report["ratios"] = {
+        "end_to_end_vs_min_component": round(e2e / min(comp["model_only_tiles_per_s"], comp["reader_only_tiles_per_s"]), 3),
+        "reader_vs_openslide_per_core": round(comp["reader_only_tiles_per_s"] / args.readers / comp["openslide_read_region_tiles_per_s_1thread"], 3),
+    }
+    if "run_4x" in report:
+        report["ratios"]["peak_rss_4x_vs_1x"] = round(report["run_4x"]["peak_rss_mib"] / report["run_1x"]["peak_rss_mib"], 3)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
