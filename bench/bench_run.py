@@ -48,18 +48,18 @@ def measure_components(slide_path: Path, count: int, readers: int) -> dict[str, 
     import openslide
     import tifffile
 
-    from pipeline import classify_tiles
+    from pipeline import EngineSettings, classify_stream
 
     model, slide, picks = _tiles(slide_path, count)
     prep = model.preprocessing
     tile, mpp = prep.tile_size_px, prep.target_mpp
     decoded = np.stack([slide.read_region_at_mpp(x, y, tile, tile, mpp) for x, y in picks[:128]])
-    classify_tiles(model, decoded[:32])
+    # Model only: the engine's own model path, fed pre-decoded tiles from memory.
+    settings = EngineSettings(batch_size=64, readers=1, device="cpu")
+    classify_stream(model, lambda i: decoded[i % len(decoded)], range(64), settings)
     start = time.perf_counter()
-    reps = max(1, count // len(decoded))
-    for _ in range(reps):
-        classify_tiles(model, decoded, batch_size=64)
-    model_only = reps * len(decoded) / (time.perf_counter() - start)
+    classify_stream(model, lambda i: decoded[i % len(decoded)], range(count), settings)
+    model_only = count / (time.perf_counter() - start)
 
     from concurrent.futures import ThreadPoolExecutor
 
@@ -74,6 +74,13 @@ def measure_components(slide_path: Path, count: int, readers: int) -> dict[str, 
     for x, y in picks:
         raw.read_region((int(x), int(y)), 0, (side, side))
     openslide_rate = len(picks) / (time.perf_counter() - start)
+    # The same, reading the pyramid level the reader itself uses (no resize).
+    level = slide.best_level_for_mpp(mpp)
+    side_level = round(tile * mpp / slide.level_mpp(level)[0])
+    start = time.perf_counter()
+    for x, y in picks:
+        raw.read_region((int(x), int(y)), level, (side_level, side_level))
+    openslide_level_rate = len(picks) / (time.perf_counter() - start)
 
     # Raw JPEG decode of the stored tiles covering the same regions (level 0, single thread).
     with tifffile.TiffFile(slide_path) as tif:
@@ -98,12 +105,13 @@ def measure_components(slide_path: Path, count: int, readers: int) -> dict[str, 
     jpeg_tiles_per_s = len(blobs) / (time.perf_counter() - start)
     jpeg_per_model_tile = jpeg_tiles_per_s * len(picks) / len(blobs)
 
-    # The engine's reader path alone (threads, no model): same as reader_only but via classify_stream's pool.
     return {
         "model_only_tiles_per_s": round(model_only, 1),
         "reader_only_tiles_per_s": round(reader_only, 1),
         "reader_threads": readers,
         "openslide_read_region_tiles_per_s_1thread": round(openslide_rate, 1),
+        "openslide_read_region_same_level_tiles_per_s_1thread": round(openslide_level_rate, 1),
+        "reader_level": level,
         "raw_jpeg_decode_model_tiles_per_s_1thread": round(jpeg_per_model_tile, 1),
         "tiles_measured": len(picks),
     }
@@ -113,9 +121,12 @@ def run_and_measure(slide_path: Path, out: Path, readers: int) -> dict[str, floa
     """A full `wsiflow run` in a child process: its tiles/s and peak RSS."""
     env = {**os.environ, "WSIFLOW_HOME": str(out / "site")}
     start = time.perf_counter()
+    # VmHWM (peak RSS of this process image) rather than ru_maxrss, which Linux carries
+    # over from the forking parent across exec.
     code = (
-        "import json, resource, sys; from flows import main; rc = main(sys.argv[1:]); "
-        "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)"
+        "import re, sys; from flows import main; rc = main(sys.argv[1:]); "
+        "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
+        "print('RSS', hwm, file=sys.stderr); sys.exit(rc)"
     )
     result = subprocess.run(
         [sys.executable, "-c", code, "run", str(slide_path), "--out", str(out), "--json", "--force",
@@ -165,9 +176,11 @@ def main() -> None:
         paths[name] = path
         report[f"slide_{name}"] = {"side_px": side, "gigapixels": round(side * side / 1e9, 2),
                                     "file_mib": round(path.stat().st_size / 2**20, 1)}
-    report["components"] = measure_components(paths["1x"], 512, args.readers)
+    # Full runs first, in fresh processes: this process has not loaded torch yet, so its idle
+    # OpenMP threads cannot steal cycles from them.
     for name, path in paths.items():
         report[f"run_{name}"] = run_and_measure(path, args.work / f"out-{name}", args.readers)
+    report["components"] = measure_components(paths["1x"], 512, args.readers)
     comp = report["components"]
     e2e = report["run_1x"]["end_to_end_tiles_per_s"]
     report["ratios"] = {

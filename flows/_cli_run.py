@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,7 @@ from ._config import WsiflowConfig
 
 __all__ = ["add_run_parser", "run_run", "expand_slides", "SLIDE_SUFFIXES"]
 
+DEFAULT_READERS = max(2, min(8, os.cpu_count() or 2))
 SLIDE_SUFFIXES = frozenset({
     ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".tif", ".tiff", ".vms", ".vmu", ".svslide", ".dcm",
 })
@@ -50,7 +52,8 @@ def add_run_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--mpp", type=mpp_arg, metavar="X[,Y]", help="µm/px to use, overriding slide metadata (recorded)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     run.add_argument("--batch-size", type=int, default=64, metavar="N")
-    run.add_argument("--readers", type=int, default=2, metavar="N", help="tile reader threads (default 2)")
+    run.add_argument("--readers", type=int, default=DEFAULT_READERS, metavar="N",
+                     help=f"tile reader threads (default: cores, at most 8; here {DEFAULT_READERS})")
     run.add_argument("--stride", type=int, metavar="PX", help="step between tiles at the model's µm/px (default: tile size)")
     run.add_argument("--min-tissue-fraction", type=float, metavar="F", help="keep tiles with at least this tissue (default: config)")
     run.add_argument("--edge", choices=("pad", "drop"), help="partial edge tiles (default: config)")

@@ -68,10 +68,10 @@ class TissueMask:
 
 def _background_rgb(rgb: np.ndarray) -> np.ndarray:
     """The glass colour: the brightest few percent of pixels, never darker than 150."""
-    luminance = rgb.mean(axis=2)
+    luminance = rgb.mean(axis=2, dtype=np.float32)
     cut = np.percentile(luminance, 97)
     bright = rgb[luminance >= cut]
-    background = np.median(bright, axis=0)
+    background = np.median(bright, axis=0).astype(np.float64)
     return np.clip(background, 150.0, 255.0)
 
 
@@ -89,6 +89,32 @@ def _otsu(values: np.ndarray) -> float:
     return float(centres[:-1][np.argmax(variance)])
 
 
+def _saturation(rgb: np.ndarray, mx: np.ndarray) -> np.ndarray:
+    """(max - min) / max per pixel, float32 (HSV saturation)."""
+    spread = mx.astype(np.float32)
+    spread -= rgb.min(axis=2)
+    spread /= np.maximum(mx, 1)
+    return spread
+
+
+def _mean_optical_density(rgb: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Mean over channels of max(0, log10(background / I)), float32, one channel at a time.
+
+    Working per channel keeps the memory to a few bytes per pixel: the mask of a whole
+    gigapixel slide is computed on a rendering of millions of pixels.
+    """
+    total = np.zeros(rgb.shape[:2], dtype=np.float32)
+    for channel in range(3):
+        od = rgb[..., channel].astype(np.float32)
+        np.maximum(od, 1.0, out=od)
+        np.log10(od, out=od)
+        np.subtract(np.float32(np.log10(background[channel])), od, out=od)
+        np.maximum(od, 0.0, out=od)
+        total += od
+    total /= 3
+    return total
+
+
 def pen_mask(rgb: np.ndarray) -> np.ndarray:
     """Pixels of pathologists' ink: green, blue, black or red marker.
 
@@ -97,9 +123,8 @@ def pen_mask(rgb: np.ndarray) -> np.ndarray:
     that eosin has.
     """
     r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
-    mx = np.maximum(np.maximum(r, g), b)
-    mn = np.minimum(np.minimum(r, g), b)
-    saturation = (mx - mn) / np.maximum(mx, 1)
+    mx = rgb.max(axis=2)
+    saturation = _saturation(rgb, mx)
     blue_green = (g - r > 25) & (saturation > 0.25)
     black = mx < 60
     red = (r > 120) & (g < 0.45 * r) & (b < 0.5 * r)
@@ -123,12 +148,9 @@ def detect_tissue(rgb: np.ndarray, mpp: float, params: TissueParams | None = Non
         raise ValueError(f"expected an RGB uint8 (rows, cols, 3) image, got {rgb.dtype} {rgb.shape}")
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
         return TissueMask(np.zeros(rgb.shape[:2], dtype=bool), mpp)
-    image = rgb.astype(np.float32)
-    background = _background_rgb(image)
-    od = -np.log10(np.clip(image, 1.0, None) / background)
-    od_mean = np.clip(od, 0.0, None).mean(axis=2)
-    mx, mn = image.max(axis=2), image.min(axis=2)
-    saturation = (mx - mn) / np.maximum(mx, 1.0)
+    background = _background_rgb(rgb)
+    od_mean = _mean_optical_density(rgb, background)
+    saturation = _saturation(rgb, rgb.max(axis=2))
 
     threshold = max(params.min_optical_density, min(_otsu(od_mean), 0.15))
     tissue = (od_mean > threshold) | (
