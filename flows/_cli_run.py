@@ -60,6 +60,10 @@ def add_run_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--chunk-cells", type=int, default=64, metavar="N", help="heatmap block edge in tiles: unit of work/resume")
     run.add_argument("--overview-class", metavar="CLASS", help="class shown in overview.png (default: the second class)")
     run.add_argument("--backend", choices=BACKEND_NAMES, help="slide reader (default: config, else auto)")
+    run.add_argument(
+        "--dask-address", metavar="tcp://HOST:PORT",
+        help="run chunks on this existing Dask scheduler (default: config dask.address, else in this process)",
+    )
     run.add_argument("--force", action="store_true", help="recompute even when a complete result exists")
     run.add_argument("--json", action="store_true", help="one JSON object per slide, as a JSON list")
     run.add_argument("--show-paths", action="store_true", help="echo each slide's path in the terminal output")
@@ -128,13 +132,25 @@ def run_run(args: argparse.Namespace, config: WsiflowConfig) -> int:
         return EXIT_FAILED
     secret = site_secret()
     args.out.mkdir(parents=True, exist_ok=True)
+    address = args.dask_address or config.dask_address
+    executor = None
+    client = None
+    if address:
+        from distributed import Client
+
+        from ._dask import DaskChunkExecutor, ModelRef
+
+        client = Client(address, timeout="60s")
+        executor = DaskChunkExecutor(
+            client, ModelRef(str(registry.site_root.resolve()), manifest.ref, manifest.weights_sha256)
+        )
     outcomes: list[tuple[int, str, SlideOutcome]] = []
     for index, slide in enumerate(slides):
         label = f"[{index + 1}/{len(slides)}]" + (f" {slide}" if args.show_paths else "")
         outcome = analyse_slide(
             slide, model, info, out_dir=args.out, secret=secret, params=params, engine=engine,
             mpp_policy=policy, backend=args.backend or config.backend, force=args.force,  # type: ignore[arg-type]
-            progress=_progress_factory(label, not args.json),
+            progress=_progress_factory(label, not args.json), executor=executor,
         )
         outcomes.append((index, slide, outcome))
         if outcome.error is not None:
@@ -150,6 +166,8 @@ def run_run(args: argparse.Namespace, config: WsiflowConfig) -> int:
                 print(f"{label} slide {outcome.slide_id}: done, {outcome.tiles} tiles{rate}{resumed}")
                 print(f"    overview {outcome.result_dir / 'overview.png'}")
                 print(f"    heatmap  {outcome.result_dir / 'heatmap.ome.zarr'}")
+    if client is not None:
+        client.close()
     failed = [(i, o) for i, _, o in outcomes if o.status == "failed"]
     if args.json:
         rows = []

@@ -21,7 +21,7 @@ from pipeline import (
 
 __all__ = ["WsiflowConfig", "load_config", "parse_config", "default_config_text"]
 
-_TOP_KEYS = {"backend", "tissue", "grid", "mpp_overrides", "models"}
+_TOP_KEYS = {"backend", "tissue", "grid", "mpp_overrides", "models", "dask"}
 _MODELS_KEYS = {"registry_dir", "acceptance"}
 _OVERRIDE_KEYS = {"label", "vendor", "folder", "mpp", "mpp_x", "mpp_y", "only_if_missing"}
 
@@ -37,6 +37,8 @@ class WsiflowConfig:
     models_dir: Path | None = None
     """Site model registry; None: $WSIFLOW_MODELS_DIR or the site directory's models/."""
     acceptance: AcceptanceThresholds = field(default_factory=AcceptanceThresholds)
+    dask_address: str | None = None
+    """An existing Dask scheduler (``tcp://host:port``) that runs chunks; None: in-process."""
 
 
 def default_config_text() -> str:
@@ -111,7 +113,12 @@ def parse_config(data: object) -> WsiflowConfig:
         raise ConfigError("'models' must be a mapping")
     _check_keys("'models'", models, _MODELS_KEYS)
     registry_dir = models.get("registry_dir")
+    dask = data.get("dask") or {}
+    if not isinstance(dask, dict):
+        raise ConfigError("'dask' must be a mapping")
+    _check_keys("'dask'", dask, {"address"})
     return WsiflowConfig(
+        dask_address=str(dask["address"]) if dask.get("address") else None,
         backend=backend,
         models_dir=Path(registry_dir).expanduser() if registry_dir else None,
         acceptance=_section(AcceptanceThresholds, "models.acceptance", models.get("acceptance"), base.acceptance),

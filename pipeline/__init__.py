@@ -4,7 +4,7 @@ Imports nothing from ``models``, ``flows`` or ``viewer``.
 """
 
 from ._classifier import PatchClassifier, Preprocessing, classify_tiles, tiles_to_tensor
-from ._analysis import RESULT_MANIFEST, AnalysisParams, ChunkExecutor, ModelInfo, SlideOutcome, analyse_slide, run_chunk
+from ._analysis import RESULT_MANIFEST, AnalysisParams, ChunkExecutor, ChunkJob, ModelInfo, SlideOutcome, analyse_slide, run_chunk
 from ._chunks import ChunkTask, plan_chunks
 from ._engine import EngineSettings, classify_stream, resolve_device
 from ._backend import BACKEND_NAMES, BackendName, SlideBackend, open_backend
@@ -12,6 +12,7 @@ from ._errors import (
     ConfigError,
     CorruptSlideError,
     OutputError,
+    WorkerError,
     MissingMppError,
     SlideNotFoundError,
     SlidePermissionError,
@@ -43,10 +44,12 @@ __all__ = [
     "RESULT_MANIFEST",
     "AnalysisParams",
     "ChunkExecutor",
+    "ChunkJob",
     "ChunkTask",
     "EngineSettings",
     "ModelInfo",
     "OutputError",
+    "WorkerError",
     "SlideOutcome",
     "analyse_slide",
     "classify_stream",

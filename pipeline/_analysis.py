@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -56,6 +56,7 @@ __all__ = [
     "AnalysisParams",
     "SlideOutcome",
     "ChunkExecutor",
+    "ChunkJob",
     "analyse_slide",
     "run_chunk",
     "RESULT_MANIFEST",
@@ -134,13 +135,44 @@ class SlideOutcome:
         }
 
 
-ChunkExecutor = Callable[[Sequence[ChunkTask], Callable[[ChunkTask], None]], None]
-"""Runs ``run(task)`` for every task (in-process by default; Dask in flows)."""
+@dataclass(frozen=True)
+class ChunkJob:
+    """What any worker needs to run a slide's chunks: paths and settings, never pixels,
+    models or open handles. Paths must be valid where the worker runs (shared storage)."""
+
+    slide_id: str
+    slide_path: str
+    backend: str
+    mpp_x: float
+    mpp_y: float
+    grid: GridSpec
+    heatmap_path: str
+    done_dir: str
+    engine: EngineSettings
 
 
-def _sequential(tasks: Sequence[ChunkTask], run: Callable[[ChunkTask], None]) -> None:
+class ChunkExecutor(Protocol):
+    """Runs every task: in this process (``run_local``) or elsewhere (from ``job``).
+
+    ``advance(n)`` reports tiles finished by executors that cannot report per batch.
+    Must raise a :class:`WsiflowError` for a chunk that fails.
+    """
+
+    def __call__(
+        self,
+        tasks: Sequence[ChunkTask],
+        job: ChunkJob,
+        run_local: Callable[[ChunkTask], None],
+        advance: Callable[[int], None] | None,
+    ) -> None: ...
+
+
+def _sequential(
+    tasks: Sequence[ChunkTask], job: ChunkJob, run_local: Callable[[ChunkTask], None],
+    advance: Callable[[int], None] | None,
+) -> None:
     for task in tasks:
-        run(task)
+        run_local(task)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -321,8 +353,13 @@ def analyse_slide(
             def run(task: ChunkTask) -> None:
                 run_chunk(task, slide, classifier, spec, heatmap_path, done_dir, engine, on_batch)
 
+            job = ChunkJob(
+                slide_id=sid, slide_path=os.fspath(Path(path).resolve()), backend=slide.info.backend,
+                mpp_x=resolution.mpp_x, mpp_y=resolution.mpp_y, grid=spec,
+                heatmap_path=os.fspath(heatmap_path.resolve()), done_dir=os.fspath(done_dir.resolve()), engine=engine,
+            )
             infer_start = time.perf_counter()
-            (executor or _sequential)(pending, run)
+            (executor or _sequential)(pending, job, run, on_batch)
             inference_s = time.perf_counter() - infer_start
 
             final_start = time.perf_counter()

@@ -17,6 +17,7 @@ __all__ = [
     "MissingMppError",
     "ConfigError",
     "OutputError",
+    "WorkerError",
 ]
 
 
@@ -100,3 +101,10 @@ class OutputError(WsiflowError, OSError):
 
     kind = "output"
     hint = "free disk space or fix the output folder's permissions, then run again: finished chunks are kept"
+
+
+class WorkerError(WsiflowError, RuntimeError):
+    """A chunk kept failing on the cluster for a reason that is not the slide (lost workers)."""
+
+    kind = "worker"
+    hint = "check the cluster's workers (memory, shared storage), then run again: finished chunks are kept"

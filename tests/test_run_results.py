@@ -111,7 +111,7 @@ def test_interrupted_run_resumes_bit_identically_and_redoes_only_unfinished_chun
     reference = _analyse(cmu_svs, model, info, tmp_path / "reference")
     ref_heatmap = np.asarray(zarr.open_array(str(reference.result_dir / "heatmap.ome.zarr" / "0"), mode="r")[...])
 
-    def dies_after_two(tasks, run):
+    def dies_after_two(tasks, job, run, advance):
         for n, task in enumerate(tasks):
             if n == 2:
                 raise _Killed

@@ -1,0 +1,152 @@
+"""Run a slide's chunks on a Dask cluster (an existing scheduler or a LocalCluster).
+
+Only descriptors travel through the scheduler: the chunk task (grid cells and level-0
+coordinates), the slide job (paths, mpp, settings) and a model reference (registry,
+name@version, sha256). Each worker process loads the model once, verified against the
+sha256, and keeps it (cached by digest); it opens slides itself and reads its chunk's tiles
+where the model runs, so no pixels cross the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models import LoadedModel, Registry, WeightsIntegrityError
+from pipeline import (
+    ChunkJob,
+    ChunkTask,
+    MppPolicy,
+    Slide,
+    WorkerError,
+    WsiflowError,
+    open_slide,
+    run_chunk,
+)
+
+__all__ = ["ModelRef", "DaskChunkExecutor", "chunk_on_worker", "worker_cache_sizes"]
+
+_log = logging.getLogger(__name__)
+
+# Per worker process: models by weights digest, slides by (path, backend, mpp).
+_MODELS: dict[str, LoadedModel] = {}
+_SLIDES: dict[tuple[str, str, float, float], Slide] = {}
+_MAX_OPEN_SLIDES = 8
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a worker finds the model: the site registry root, ``name@version``, its sha256."""
+
+    site_root: str | None
+    ref: str
+    sha256: str
+
+
+def _worker_model(model: ModelRef) -> LoadedModel:
+    cached = _MODELS.get(model.sha256)
+    if cached is None:
+        registry = Registry(site_root=Path(model.site_root)) if model.site_root else Registry()
+        cached = registry.load(model.ref)
+        if cached.manifest.weights_sha256 != model.sha256:
+            raise WeightsIntegrityError(f"{model.ref} on this worker is not the model the run was started with")
+        _MODELS[model.sha256] = cached
+    return cached
+
+
+def _worker_slide(job: ChunkJob) -> Slide:
+    key = (job.slide_path, job.backend, job.mpp_x, job.mpp_y)
+    slide = _SLIDES.get(key)
+    if slide is None:
+        if len(_SLIDES) >= _MAX_OPEN_SLIDES:
+            _SLIDES.pop(next(iter(_SLIDES))).close()
+        # The mpp was resolved (and recorded) by the client; the worker just uses it.
+        slide = open_slide(job.slide_path, backend=job.backend, mpp_policy=MppPolicy(cli_mpp=(job.mpp_x, job.mpp_y)))  # type: ignore[arg-type]
+        _SLIDES[key] = slide
+    return slide
+
+
+def chunk_on_worker(task: ChunkTask, job: ChunkJob, model: ModelRef) -> tuple[str, int, WsiflowError | None]:
+    """Run one chunk where this function runs. Bad input is returned, not raised, so Dask
+    does not retry it; anything else (I/O hiccups, lost workers) raises and is retried."""
+    try:
+        run_chunk(task, _worker_slide(job), _worker_model(model), job.grid, Path(job.heatmap_path),
+                  Path(job.done_dir), job.engine)
+    except WsiflowError as exc:
+        _SLIDES.pop((job.slide_path, job.backend, job.mpp_x, job.mpp_y), None)
+        return task.name, 0, exc
+    return task.name, len(task), None
+
+
+def worker_cache_sizes() -> dict[str, Any]:
+    """For checks on a worker: how many models and slides this process holds, and its pid."""
+    return {"models": len(_MODELS), "slides": len(_SLIDES), "pid": os.getpid()}
+
+
+_TRANSIENT: tuple[type[BaseException], ...] = (OSError, RuntimeError, TimeoutError)
+
+
+def _load_transient() -> None:
+    """Failures worth a retry and, once retries are spent, a ``WorkerError``."""
+    global _TRANSIENT
+    from concurrent.futures import CancelledError
+
+    from distributed.scheduler import KilledWorker
+
+    _TRANSIENT = (KilledWorker, CancelledError, OSError, RuntimeError, TimeoutError, MemoryError)
+
+
+class DaskChunkExecutor:
+    """A ``pipeline.ChunkExecutor`` that submits chunks to a ``distributed.Client``."""
+
+    def __init__(self, client: Any, model: ModelRef, retries: int = 2) -> None:
+        self.client = client
+        self.model = model
+        self.retries = retries
+
+    def _gpu_workers(self) -> bool:
+        workers = self.client.scheduler_info().get("workers", {})
+        return any("GPU" in (w.get("resources") or {}) for w in workers.values())
+
+    def __call__(
+        self,
+        tasks: Sequence[ChunkTask],
+        job: ChunkJob,
+        run_local: Callable[[ChunkTask], None],
+        advance: Callable[[int], None] | None,
+    ) -> None:
+        from distributed import as_completed
+
+        _load_transient()
+        if not tasks:
+            return
+        resources = {"GPU": 1} if self._gpu_workers() else None
+        futures = [
+            self.client.submit(
+                chunk_on_worker, task, job, self.model,
+                key=f"wsiflow-chunk-{job.slide_id}-{task.name}", pure=False,
+                retries=self.retries, resources=resources,
+            )
+            for task in tasks
+        ]
+        failure: WsiflowError | None = None
+        for future in as_completed(futures):
+            try:
+                _, tiles, error = future.result()
+            except _TRANSIENT as exc:
+                failure = failure or WorkerError(
+                    f"a chunk failed {self.retries + 1} times on the cluster ({type(exc).__name__})"
+                )
+                continue
+            if error is not None:
+                failure = failure or error
+            elif advance is not None:
+                advance(tiles)
+        if failure is not None:
+            for future in futures:
+                future.cancel()
+            raise failure
