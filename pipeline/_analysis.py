@@ -16,12 +16,15 @@ run resumes where it stopped and produces the same heatmap bit for bit.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version as package_version
@@ -211,6 +214,23 @@ def _run_key(digest: str, model: ModelInfo, params: AnalysisParams, grid: GridSp
     return hashlib.sha256(material.encode()).hexdigest()
 
 
+@contextmanager
+def _result_lock(result_dir: Path, sid: str) -> Iterator[None]:
+    """One writer per result folder: a second submission waits, then finds it complete."""
+    result_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = result_dir.parent / f".{result_dir.name}.lock"
+    with open(lock_path, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log.info("slide %s: another run is writing this result; waiting for it", sid)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _is_complete(result_dir: Path, key: str) -> bool:
     manifest = result_dir / RESULT_MANIFEST
     try:
@@ -321,10 +341,11 @@ def analyse_slide(
         except BaseException:
             opened.close()
             raise
-        with Slide(opened, resolution) as slide:
+        with Slide(opened, resolution) as slide, ExitStack() as held:
             spec = params.grid_spec(classifier)
             key = _run_key(digest, model, params, spec, resolution.to_json(), slide.info.backend)
             result_dir = Path(out_dir) / sid / model.name
+            held.enter_context(_result_lock(result_dir, sid))
             if not force and _is_complete(result_dir, key):
                 summary = json.loads((result_dir / "summary.json").read_text(encoding="utf-8"))
                 return SlideOutcome(sid, "reused", result_dir, summary["tiles"])

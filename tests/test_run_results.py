@@ -167,3 +167,13 @@ def test_folder_and_glob_arguments(wsiflow_cli, tmp_path, cmu_svs):
     assert expand_slides([str(folder / "*.svs"), str(folder / "a.svs")]) == [str(folder / "a.svs")]
     dicom = shared_file("dicom/cmu-1-small-region-lossless")
     assert expand_slides([str(dicom)]) == [str(dicom)]
+
+
+def test_concurrent_submissions_compute_once(bundled, cmu_svs, tmp_path):
+    """Two runs of the same slide at once: one computes, the other waits and reuses."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, info = bundled
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(lambda _: _analyse(cmu_svs, model, info, tmp_path), range(2)))
+    assert sorted(o.status for o in outcomes) == ["done", "reused"]
