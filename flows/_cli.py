@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline import ConfigError, WsiflowError, apply_offline_env
 
+from ._cli_batch import add_batch_parser, run_batch_command
 from ._cli_common import EXIT_FAILED, EXIT_USAGE
 from ._cli_inspect import add_inspect_parser, run_inspect
 from ._cli_models import add_models_parser, run_models
@@ -31,6 +32,7 @@ _COMMANDS = {
     "inspect": run_inspect,
     "models": run_models,
     "run": run_run,
+    "batch": run_batch_command,
     "train": run_train,
     "validate": run_validate,
 }
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_inspect_parser(commands)
     add_run_parser(commands)
+    add_batch_parser(commands)
     add_models_parser(commands)
     add_train_parser(commands)
     add_validate_parser(commands)

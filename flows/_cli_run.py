@@ -28,12 +28,37 @@ from ._cli_common import EXIT_FAILED, EXIT_OK, mpp_arg
 from ._cli_models import registry_for
 from ._config import WsiflowConfig
 
-__all__ = ["add_run_parser", "run_run", "expand_slides", "SLIDE_SUFFIXES"]
+__all__ = ["add_run_parser", "add_analysis_options", "run_run", "expand_slides", "SLIDE_SUFFIXES", "DEFAULT_READERS"]
 
 DEFAULT_READERS = max(2, min(8, os.cpu_count() or 2))
 SLIDE_SUFFIXES = frozenset({
     ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".tif", ".tiff", ".vms", ".vmu", ".svslide", ".dcm",
 })
+
+
+def add_analysis_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``run`` and ``batch``."""
+    parser.add_argument("slides", nargs="+", metavar="SLIDE|DIR|GLOB")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="results folder")
+    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME[@VERSION]", help=f"default: {DEFAULT_MODEL}")
+    parser.add_argument("--mpp", type=mpp_arg, metavar="X[,Y]", help="µm/px to use, overriding slide metadata (recorded)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--batch-size", type=int, default=64, metavar="N")
+    parser.add_argument("--readers", type=int, default=DEFAULT_READERS, metavar="N",
+                        help=f"tile reader threads (default: cores, at most 8; here {DEFAULT_READERS})")
+    parser.add_argument("--stride", type=int, metavar="PX", help="step between tiles at the model's µm/px (default: tile size)")
+    parser.add_argument("--min-tissue-fraction", type=float, metavar="F", help="keep tiles with at least this tissue (default: config)")
+    parser.add_argument("--edge", choices=("pad", "drop"), help="partial edge tiles (default: config)")
+    parser.add_argument("--chunk-cells", type=int, default=64, metavar="N", help="heatmap block edge in tiles: unit of work/resume")
+    parser.add_argument("--overview-class", metavar="CLASS", help="class shown in overview.png (default: the second class)")
+    parser.add_argument("--backend", choices=BACKEND_NAMES, help="slide reader (default: config, else auto)")
+    parser.add_argument(
+        "--dask-address", metavar="tcp://HOST:PORT",
+        help="run chunks on this existing Dask scheduler (default: config dask.address)",
+    )
+    parser.add_argument("--force", action="store_true", help="recompute even when a complete result exists")
+    parser.add_argument("--json", action="store_true", help="one JSON object per slide, as a JSON list")
+    parser.add_argument("--show-paths", action="store_true", help="echo each slide's path in the terminal output")
 
 
 def add_run_parser(commands: argparse._SubParsersAction) -> None:
@@ -43,30 +68,11 @@ def add_run_parser(commands: argparse._SubParsersAction) -> None:
         description=(
             "Analyse each slide with a registry model: tissue detection, tile grid, batched "
             "inference, results in OUT/<slide id>/<model>/. Interrupted runs resume; complete "
-            "results with the same slide content, model and parameters are reused."
+            "results with the same slide content, model and parameters are reused. Runs in this "
+            "process (no server), or sends chunks to --dask-address."
         ),
     )
-    run.add_argument("slides", nargs="+", metavar="SLIDE|DIR|GLOB")
-    run.add_argument("--out", type=Path, required=True, metavar="DIR", help="results folder")
-    run.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME[@VERSION]", help=f"default: {DEFAULT_MODEL}")
-    run.add_argument("--mpp", type=mpp_arg, metavar="X[,Y]", help="µm/px to use, overriding slide metadata (recorded)")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    run.add_argument("--batch-size", type=int, default=64, metavar="N")
-    run.add_argument("--readers", type=int, default=DEFAULT_READERS, metavar="N",
-                     help=f"tile reader threads (default: cores, at most 8; here {DEFAULT_READERS})")
-    run.add_argument("--stride", type=int, metavar="PX", help="step between tiles at the model's µm/px (default: tile size)")
-    run.add_argument("--min-tissue-fraction", type=float, metavar="F", help="keep tiles with at least this tissue (default: config)")
-    run.add_argument("--edge", choices=("pad", "drop"), help="partial edge tiles (default: config)")
-    run.add_argument("--chunk-cells", type=int, default=64, metavar="N", help="heatmap block edge in tiles: unit of work/resume")
-    run.add_argument("--overview-class", metavar="CLASS", help="class shown in overview.png (default: the second class)")
-    run.add_argument("--backend", choices=BACKEND_NAMES, help="slide reader (default: config, else auto)")
-    run.add_argument(
-        "--dask-address", metavar="tcp://HOST:PORT",
-        help="run chunks on this existing Dask scheduler (default: config dask.address, else in this process)",
-    )
-    run.add_argument("--force", action="store_true", help="recompute even when a complete result exists")
-    run.add_argument("--json", action="store_true", help="one JSON object per slide, as a JSON list")
-    run.add_argument("--show-paths", action="store_true", help="echo each slide's path in the terminal output")
+    add_analysis_options(run)
 
 
 def _is_dicom_folder(folder: Path) -> bool:
