@@ -119,3 +119,65 @@ def test_batch_flow_on_the_server(prefect_server, wsiflow_cli, cmu_svs, tmp_path
     for path in prefect_server["home"].rglob("*"):
         if path.is_file() and path.name != "server.log":
             assert b"PATIENT-SENTINEL" not in path.read_bytes(), path.name
+
+
+def _python(code: str, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_inbox_processes_a_dropped_slide_once(prefect_server, cmu_svs, tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    env = {**os.environ, "PREFECT_API_URL": prefect_server["url"], "PREFECT_HOME": str(prefect_server["home"])}
+    created = _python(
+        "from flows._inbox import save_inbox; from flows._batch import BatchSpec; "
+        f"print(save_inbox({str(inbox)!r}, BatchSpec(slides=(), out={str(tmp_path / 'out')!r}, stride_px=112, readers=2)))",
+        env,
+    )
+    assert created.returncode == 0, created.stderr[-2000:]
+    inbox_id = created.stdout.strip()
+    shutil.copy(cmu_svs, inbox / "new-scan.svs")
+    shutil.copy(shared_file("bad/unreadable-corrupt-tile.svs"), inbox / "broken.svs")
+    ticks = _python(
+        "import json; from flows._inbox import inbox_tick, read_ledger; "
+        f"print(json.dumps([inbox_tick({inbox_id!r}) for _ in range(3)])); "
+        f"print(json.dumps(read_ledger({inbox_id!r})))",
+        env,
+    )
+    assert ticks.returncode == 0, ticks.stderr[-3000:]
+    counts_line, ledger_line = ticks.stdout.strip().splitlines()[-2:]
+    counts = json.loads(counts_line)
+    assert counts[0] == {"ready": 0, "processed": 0, "failed": 0}  # first look: still settling
+    assert counts[1] == {"ready": 2, "processed": 1, "failed": 1}
+    assert counts[2] == {"ready": 0, "processed": 0, "failed": 0}  # neither redone nor retried
+    ledger = json.loads(ledger_line)
+    good, bad = ledger[str(inbox / "new-scan.svs")], ledger[str(inbox / "broken.svs")]
+    assert good["status"] == "processed" and good["slide_id"].startswith("s-")
+    assert bad["status"] == "failed" and bad["error"]["kind"] == "corrupt"
+    assert (tmp_path / "out" / good["result"] / "result.json").exists()
+
+
+def test_serve_creates_a_scheduled_deployment(prefect_server, wsiflow_cli, tmp_path):
+    inbox = tmp_path / "PATIENT-SENTINEL-inbox"
+    inbox.mkdir()
+    env = {**os.environ, "PREFECT_API_URL": prefect_server["url"], "PREFECT_HOME": str(prefect_server["home"])}
+    process = subprocess.Popen(
+        [*wsiflow_cli, "serve", "--inbox", str(inbox), "--out", str(tmp_path / "out"), "--interval", "3600"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        deployments = []
+        while time.monotonic() < deadline and not deployments:
+            deployments = [d for d in _api(prefect_server, "/deployments/filter", {"limit": 20}) if d["name"].startswith("i-")]
+            time.sleep(2)
+        assert deployments, "no inbox deployment appeared on the server"
+        deployment = deployments[0]
+        assert deployment["parameters"] == {"inbox_id": deployment["name"]}
+        assert "PATIENT-SENTINEL" not in json.dumps(deployment)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
