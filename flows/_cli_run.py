@@ -73,6 +73,10 @@ def add_run_parser(commands: argparse._SubParsersAction) -> None:
         ),
     )
     add_analysis_options(run)
+    run.add_argument(
+        "--in-process", action="store_true",
+        help="stay in this process even when PREFECT_API_URL names a server",
+    )
 
 
 def _is_dicom_folder(folder: Path) -> bool:
@@ -117,6 +121,11 @@ def _progress_factory(label: str, enabled: bool) -> Callable[[int, int], Callabl
 
 
 def run_run(args: argparse.Namespace, config: WsiflowConfig) -> int:
+    if os.environ.get("PREFECT_API_URL") and not args.in_process:
+        # A server is configured: run as the batch flow so the run shows in its UI.
+        from ._cli_batch import run_batch_command
+
+        return run_batch_command(args, config)
     registry = registry_for(config)
     model = registry.load(args.model)
     manifest = model.manifest

@@ -8,10 +8,11 @@ batches ahead of the model, so memory stays bounded whatever the slide size.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -31,9 +32,13 @@ class EngineSettings:
     """Reader threads decoding tiles ahead of the model."""
     prefetch_batches: int = 2
     device: Device = "auto"
+    cpu_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    """torch threads on CPU. Fixed by the client and shipped with each chunk, so workers
+    (where Dask sets OMP_NUM_THREADS=1) compute with the same thread count, hence the
+    same floating-point results, as a local run."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.readers < 1 or self.prefetch_batches < 1:
+        if self.batch_size < 1 or self.readers < 1 or self.prefetch_batches < 1 or self.cpu_threads < 1:
             raise ConfigError(
                 f"batch_size ({self.batch_size}), readers ({self.readers}) and prefetch_batches "
                 f"({self.prefetch_batches}) must be at least 1"
@@ -56,10 +61,12 @@ def resolve_device(device: Device) -> str:
 class _Model:
     """The classifier placed on a device, with the fast paths of that device."""
 
-    def __init__(self, classifier: PatchClassifier, device: str) -> None:
+    def __init__(self, classifier: PatchClassifier, device: str, cpu_threads: int) -> None:
         import torch
 
         self.device = torch.device(device)
+        if self.device.type == "cpu" and torch.get_num_threads() != cpu_threads:
+            torch.set_num_threads(cpu_threads)
         self.cuda = self.device.type == "cuda"
         module = classifier.module.eval().to(self.device)
         if self.cuda:
@@ -100,7 +107,7 @@ def classify_stream(
     Output order follows ``indices``; results do not depend on thread timing.
     ``on_batch(n)`` is called after each batch with the number of tiles it held.
     """
-    model = _Model(classifier, resolve_device(settings.device))
+    model = _Model(classifier, resolve_device(settings.device), settings.cpu_threads)
     tile = classifier.preprocessing.tile_size_px
     out = np.empty((len(indices), len(classifier.class_names)), dtype=np.float32)
     if not len(indices):

@@ -84,3 +84,46 @@ def test_cli_run_with_dask_address(cluster, wsiflow_cli, cmu_svs, tmp_path):
     assert result.returncode == 0, result.stderr
     (row,) = json.loads(result.stdout)
     assert row["status"] == "done" and row["tiles"] > 0
+
+
+def test_a_worker_killed_mid_slide_still_gives_the_complete_identical_result(bundled, cmu_svs, tmp_path):
+    """Kill a worker process while chunks run: Dask reschedules, the result is identical."""
+    import os
+    import signal
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    from flows._dask import DaskChunkExecutor, ModelRef
+
+    registry, model, info = bundled
+    params = AnalysisParams(stride_px=56, chunk_cells=2)  # many small chunks
+    engine = EngineSettings(batch_size=8, device="cpu")
+    local = analyse_slide(cmu_svs, model, info, out_dir=tmp_path / "local", secret=b"k" * 32, params=params, engine=engine)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        executor = DaskChunkExecutor(client, ModelRef(str(registry.site_root), "tissue-qc@1", info.sha256), retries=3)
+        killed = []
+
+        def killer():
+            # Wait until chunks are being finished, then kill one worker process outright.
+            work = tmp_path / "dask"
+            for _ in range(600):
+                if list(work.rglob("*.done")):
+                    break
+                threading.Event().wait(0.1)
+            victim = next(iter(client.scheduler_info()["workers"]))
+            pid = client.run(os.getpid, workers=[victim])[victim]
+            os.kill(pid, signal.SIGKILL)  # the nanny restarts it; its chunks are rescheduled
+            killed.append(victim)
+
+        thread = threading.Thread(target=killer)
+        thread.start()
+        remote = analyse_slide(
+            cmu_svs, model, info, out_dir=tmp_path / "dask", secret=b"k" * 32, params=params, engine=engine,
+            executor=executor,
+        )
+        thread.join()
+    assert killed, "the killer never ran"
+    assert remote.status == "done", remote.error
+    np.testing.assert_array_equal(_heatmap(remote), _heatmap(local))
