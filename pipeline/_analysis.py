@@ -39,7 +39,7 @@ from ._classifier import PatchClassifier
 from ._engine import EngineSettings, classify_stream, resolve_device
 from ._errors import OutputError, WsiflowError
 from ._grid import GridSpec, TileGrid, make_tile_grid
-from ._mpp import MppPolicy, resolve_mpp
+from ._mpp import MppPolicy
 from ._omezarr import (
     HeatmapGeometry,
     create_heatmap,
@@ -50,7 +50,7 @@ from ._omezarr import (
 )
 from ._overview import write_overview
 from ._privacy import content_digest, slide_id
-from ._slide import Slide
+from ._slide import Slide, backend_mpp
 from ._tables import TileResults, write_geojson, write_tile_table
 from ._tissue import TissueParams, detect_tissue
 
@@ -335,10 +335,7 @@ def analyse_slide(
         try:
             digest = content_digest(path)
             sid = slide_id(digest, secret)
-            resolution = resolve_mpp(
-                opened.metadata_mpp, slide_path=Path(path), vendor=opened.vendor,
-                objective_power=opened.objective_power, policy=mpp_policy or MppPolicy(),
-            )
+            resolution = backend_mpp(opened, path, mpp_policy)
         except BaseException:
             opened.close()
             raise

@@ -9,14 +9,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ._backend import BackendName, open_backend
 from ._errors import WsiflowError
 from ._grid import GridSpec, make_tile_grid
-from ._mpp import MppPolicy, MppResolution, resolve_mpp
+from ._mpp import MppPolicy, MppResolution
 from ._privacy import content_digest, slide_id
-from ._slide import Slide, SlideInfo, slide_info
+from ._slide import Slide, SlideInfo, backend_mpp, slide_info
 from ._tissue import TissueParams, detect_tissue
 
 __all__ = ["SlideReport", "inspect_slide"]
@@ -98,13 +97,7 @@ def inspect_slide(
         try:
             sid = slide_id(content_digest(path), secret)
             info = slide_info(opened)
-            resolution = resolve_mpp(
-                opened.metadata_mpp,
-                slide_path=Path(path),
-                vendor=opened.vendor,
-                objective_power=opened.objective_power,
-                policy=mpp_policy or MppPolicy(),
-            )
+            resolution = backend_mpp(opened, path, mpp_policy)
             slide = Slide(opened, resolution)
             thumbnail = slide.read_thumbnail(tissue.mask_mpp)
         except BaseException:

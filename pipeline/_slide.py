@@ -20,7 +20,7 @@ from ._backend import BackendName, SlideBackend, open_backend
 from ._errors import CorruptSlideError
 from ._mpp import MppPolicy, MppResolution, resolve_mpp
 
-__all__ = ["SlideInfo", "Slide", "open_slide", "slide_info"]
+__all__ = ["SlideInfo", "Slide", "open_slide", "slide_info", "backend_mpp"]
 
 _MPP_REL_TOL = 1e-3  # a level within 0.1 % of the target counts as "at" the target
 _THUMBNAIL_BLOCK_PX = 2048
@@ -219,6 +219,19 @@ class Slide:
         return out
 
 
+def backend_mpp(
+    opened: SlideBackend, path: str | os.PathLike[str], policy: MppPolicy | None
+) -> MppResolution:
+    """The µm/px of an open slide under ``policy`` (see :func:`resolve_mpp`)."""
+    return resolve_mpp(
+        opened.metadata_mpp,
+        slide_path=Path(path),
+        vendor=opened.vendor,
+        objective_power=opened.objective_power,
+        policy=policy or MppPolicy(),
+    )
+
+
 def open_slide(
     path: str | os.PathLike[str],
     *,
@@ -228,13 +241,7 @@ def open_slide(
     """Open a slide for analysis; raises :class:`MissingMppError` when its scale is unknown."""
     opened = open_backend(path, backend)
     try:
-        resolution = resolve_mpp(
-            opened.metadata_mpp,
-            slide_path=Path(path),
-            vendor=opened.vendor,
-            objective_power=opened.objective_power,
-            policy=mpp_policy or MppPolicy(),
-        )
+        resolution = backend_mpp(opened, path, mpp_policy)
     except BaseException:
         opened.close()
         raise
