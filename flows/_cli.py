@@ -22,6 +22,7 @@ from ._cli_inspect import add_inspect_parser, run_inspect
 from ._cli_models import add_models_parser, run_models
 from ._cli_run import add_run_parser, run_run
 from ._cli_serve import add_serve_parser, add_server_parser, run_serve, run_server
+from ._cli_view import add_view_parser, run_view
 from ._cli_train import add_train_parser, add_validate_parser, run_train, run_validate
 from ._config import load_config
 
@@ -36,6 +37,7 @@ _COMMANDS = {
     "batch": run_batch_command,
     "serve": run_serve,
     "server": run_server,
+    "view": run_view,
     "train": run_train,
     "validate": run_validate,
 }
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_batch_parser(commands)
     add_serve_parser(commands)
     add_server_parser(commands)
+    add_view_parser(commands)
     add_models_parser(commands)
     add_train_parser(commands)
     add_validate_parser(commands)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from models import DEFAULT_MODEL
 from pipeline import (
     BACKEND_NAMES,
+    SLIDE_SUFFIXES,
     AnalysisParams,
     EngineSettings,
     ModelInfo,
@@ -31,9 +32,6 @@ from ._config import WsiflowConfig
 __all__ = ["add_run_parser", "add_analysis_options", "run_run", "expand_slides", "SLIDE_SUFFIXES", "DEFAULT_READERS"]
 
 DEFAULT_READERS = max(2, min(8, os.cpu_count() or 2))
-SLIDE_SUFFIXES = frozenset({
-    ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".tif", ".tiff", ".vms", ".vmu", ".svslide", ".dcm",
-})
 
 
 def add_analysis_options(parser: argparse.ArgumentParser) -> None:

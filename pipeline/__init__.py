@@ -7,7 +7,7 @@ from ._classifier import PatchClassifier, Preprocessing, classify_tiles, tiles_t
 from ._analysis import RESULT_MANIFEST, AnalysisParams, ChunkExecutor, ChunkJob, ModelInfo, SlideOutcome, analyse_slide, run_chunk
 from ._chunks import ChunkTask, plan_chunks
 from ._engine import EngineSettings, classify_stream, resolve_device
-from ._backend import BACKEND_NAMES, BackendName, SlideBackend, open_backend
+from ._backend import BACKEND_NAMES, SLIDE_SUFFIXES, BackendName, SlideBackend, open_backend
 from ._errors import (
     ConfigError,
     CorruptSlideError,
@@ -33,6 +33,8 @@ from ._privacy import (
     OFFLINE_ENV,
     apply_offline_env,
     content_digest,
+    lookup_slide_location,
+    record_slide_location,
     site_dir,
     site_secret,
     slide_id,
@@ -62,6 +64,7 @@ __all__ = [
     "tiles_to_tensor",
     "MAX_GRID_POSITIONS",
     "BACKEND_NAMES",
+    "SLIDE_SUFFIXES",
     "BackendName",
     "ConfigError",
     "CorruptSlideError",
@@ -98,4 +101,6 @@ __all__ = [
     "site_secret",
     "slide_id",
     "slide_info",
+    "lookup_slide_location",
+    "record_slide_location",
 ]

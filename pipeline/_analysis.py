@@ -49,7 +49,7 @@ from ._omezarr import (
     write_mask_image,
 )
 from ._overview import write_overview
-from ._privacy import content_digest, slide_id
+from ._privacy import content_digest, record_slide_location, slide_id
 from ._slide import Slide, backend_mpp
 from ._tables import TileResults, write_geojson, write_tile_table
 from ._tissue import TissueParams, detect_tissue
@@ -344,6 +344,7 @@ def analyse_slide(
             key = _run_key(digest, model, params, spec, resolution.to_json(), slide.info.backend)
             result_dir = Path(out_dir) / sid / model.name
             held.enter_context(_result_lock(result_dir, sid))
+            record_slide_location(sid, path)
             if not force and _is_complete(result_dir, key):
                 summary = json.loads((result_dir / "summary.json").read_text(encoding="utf-8"))
                 return SlideOutcome(sid, "reused", result_dir, summary["tiles"])

@@ -25,12 +25,16 @@ from ._errors import (
     WsiflowError,
 )
 
-__all__ = ["BackendName", "SlideBackend", "open_backend", "BACKEND_NAMES"]
+__all__ = ["BackendName", "SlideBackend", "open_backend", "BACKEND_NAMES", "SLIDE_SUFFIXES"]
 
 _log = logging.getLogger(__name__)
 
 BackendName = Literal["auto", "openslide", "tiffslide"]
 BACKEND_NAMES: tuple[str, ...] = ("auto", "openslide", "tiffslide")
+SLIDE_SUFFIXES = frozenset({
+    ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".tif", ".tiff", ".vms", ".vmu", ".svslide", ".dcm",
+})
+"""File name endings of the slide formats wsiflow reads (a DICOM-WSI slide may also be a folder)."""
 
 
 @runtime_checkable

@@ -22,6 +22,8 @@ __all__ = [
     "site_secret",
     "content_digest",
     "slide_id",
+    "record_slide_location",
+    "lookup_slide_location",
 ]
 
 OFFLINE_ENV: dict[str, str] = {
@@ -102,3 +104,44 @@ def slide_id(digest_hex: str, secret: bytes) -> str:
     """The pseudonymous ID of a slide whose :func:`content_digest` is ``digest_hex``."""
     mac = hmac.new(secret, bytes.fromhex(digest_hex), hashlib.sha256).hexdigest()
     return f"s-{mac[:20]}"
+
+
+_INDEX_NAME = "slide-index.json"
+
+
+def record_slide_location(sid: str, path: str | os.PathLike[str], directory: Path | None = None) -> None:
+    """Remember where slide ``sid`` was read from, in the site's private index (owner-only).
+
+    The index maps pseudonymous IDs back to paths for the site's own tools (the viewer
+    opens a result's slide through it); it is never written into results.
+    """
+    import fcntl
+    import json
+
+    directory = directory or site_dir()
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    index = directory / _INDEX_NAME
+    fd = os.open(index, os.O_RDWR | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "r+", encoding="utf-8") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        text = fh.read()
+        entries = json.loads(text) if text.strip() else {}
+        location = os.fspath(Path(path).resolve())
+        if entries.get(sid) != location:
+            entries[sid] = location
+            fh.seek(0)
+            fh.truncate()
+            json.dump(entries, fh, indent=1)
+
+
+def lookup_slide_location(sid: str, directory: Path | None = None) -> Path | None:
+    """The path slide ``sid`` was last read from on this site, if known and still there."""
+    import json
+
+    index = (directory or site_dir()) / _INDEX_NAME
+    try:
+        entries = json.loads(index.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    location = entries.get(sid)
+    return Path(location) if location and Path(location).exists() else None

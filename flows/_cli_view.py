@@ -1,0 +1,42 @@
+"""``wsiflow view``: open a result folder (or a slide) in napari with the wsiflow plugin."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ._cli_common import EXIT_FAILED, EXIT_OK
+from ._config import WsiflowConfig
+
+__all__ = ["add_view_parser", "run_view"]
+
+
+def add_view_parser(commands: argparse._SubParsersAction) -> None:
+    view = commands.add_parser(
+        "view",
+        help="open a result folder or a slide in napari",
+        description=(
+            "Open a wsiflow result folder (OUT/<slide id>/<model>/) or a slide in napari: the slide as a "
+            "lazy multiscale image, one heatmap per class and the tissue mask, all in µm. A result's "
+            "slide is found through this site's private slide index."
+        ),
+    )
+    view.add_argument("path", type=Path, metavar="RESULT_OR_SLIDE")
+
+
+def run_view(args: argparse.Namespace, config: WsiflowConfig) -> int:
+    from viewer import napari_get_reader
+
+    if napari_get_reader(str(args.path)) is None:
+        print("wsiflow: error unsupported: not a wsiflow result folder or a readable slide with a known µm/px",
+              file=sys.stderr)
+        return EXIT_FAILED
+    import napari
+
+    viewer = napari.Viewer(title="wsiflow")
+    viewer.open(str(args.path), plugin="wsiflow")
+    viewer.scale_bar.visible = True
+    viewer.scale_bar.unit = "um"
+    napari.run()
+    return EXIT_OK

@@ -1,0 +1,92 @@
+"""The napari reader through npe2, without a window: layers, laziness and µm alignment."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from models import Registry
+from pipeline import AnalysisParams, EngineSettings, ModelInfo, analyse_slide
+from tests.conftest import shared_file
+
+npe2 = pytest.importorskip("npe2")
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory, cmu_svs_module):
+    model = Registry().load("tissue-qc")
+    m = model.manifest
+    outcome = analyse_slide(
+        cmu_svs_module, model, ModelInfo(m.name, m.version, m.weights_sha256, tuple(c.color for c in m.classes)),
+        out_dir=tmp_path_factory.mktemp("viewer"), secret=b"v" * 32,
+        params=AnalysisParams(stride_px=112, chunk_cells=8), engine=EngineSettings(device="cpu"),
+    )
+    assert outcome.status == "done"
+    return outcome.result_dir
+
+
+@pytest.fixture(scope="module")
+def cmu_svs_module():
+    return shared_file("slides/CMU-1-Small-Region.svs")
+
+
+def _read(path):
+    npe2.PluginManager.instance().discover()
+    return npe2.read([str(path)], plugin_name="wsiflow", stack=False)
+
+
+def test_result_folder_gives_slide_heatmaps_and_mask_aligned_in_micrometres(result):
+    layers = _read(result)
+    kinds = [(meta["name"], kind) for _, meta, kind in layers]
+    assert kinds[0] == ("slide", "image")
+    assert [n for n, _ in kinds[1:5]] == ["P(background)", "P(tissue)", "P(pen)", "P(blur)"]
+    assert kinds[5] == ("tissue", "labels")
+
+    slide_data, slide_meta, _ = layers[0]
+    assert slide_meta["multiscale"] and slide_meta["rgb"]
+    assert slide_data[0].shape == (2967, 2220, 3)
+    assert slide_meta["scale"] == pytest.approx((0.499, 0.499))
+    assert slide_meta["translate"] == pytest.approx((0.2495, 0.2495))
+
+    heat_data, heat_meta, _ = layers[2]  # P(tissue)
+    assert heat_meta["scale"] == pytest.approx((112.0, 112.0))
+    assert heat_meta["translate"] == pytest.approx((112.0, 112.0))
+    assert heat_meta["contrast_limits"] == (0.0, 1.0) and heat_meta["visible"]
+
+    table = pq.read_table(result / "tiles.parquet")
+    rows, cols = table.column("row").to_numpy(), table.column("col").to_numpy()
+    x_um, y_um = table.column("x_um").to_numpy(), table.column("y_um").to_numpy()
+    x0, y0 = table.column("x").to_numpy(), table.column("y").to_numpy()
+    width = table.column("width").to_numpy()
+    prob = table.column("prob_tissue").to_numpy()
+    level0 = np.asarray(heat_data[0])
+    for k in range(0, len(rows), 7):
+        # World position of the heatmap cell = the tile's centre in µm...
+        world = np.array(heat_meta["translate"]) + np.array([rows[k], cols[k]]) * np.array(heat_meta["scale"])
+        assert world == pytest.approx((y_um[k], x_um[k]))
+        # ...which is, on the slide layer, the centre of the tile's level-0 pixels.
+        pixel = (world - np.array(slide_meta["translate"])) / np.array(slide_meta["scale"])
+        assert pixel == pytest.approx((y0[k] + width[k] / 2 - 0.5, x0[k] + width[k] / 2 - 0.5), abs=1e-6)
+        assert level0[rows[k], cols[k]] == pytest.approx(prob[k])
+
+
+def test_slide_pixels_are_read_lazily_and_correctly(result, cmu_svs_module):
+    from pipeline import open_slide
+
+    data = _read(result)[0][0][0]
+    assert data.chunksize[:2] == (1024, 1024)  # read chunk by chunk, never level 0 whole
+    with open_slide(cmu_svs_module) as slide:
+        np.testing.assert_array_equal(np.asarray(data[1000:1100, 500:640]), slide.read_region(500, 1000, 0, 140, 100))
+
+
+def test_plain_slide_and_refusals(tmp_path):
+    layers = _read(shared_file("slides/CMU-1-Small-Region.svs"))
+    assert len(layers) == 1 and layers[0][1]["name"] == "slide"
+    from viewer import napari_get_reader
+
+    (tmp_path / "notes.txt").write_text("hello")
+    for path in [tmp_path / "notes.txt", tmp_path / "missing.svs", shared_file("bad/not-a-tiff.svs"),
+                 shared_file("slides/TCGA-CR-7395-crop-jp2k-no-mpp.svs"), shared_file("images/he-tile-240px.png"), tmp_path]:
+        assert napari_get_reader(str(path)) is None, path.name
+    assert napari_get_reader([str(tmp_path), str(tmp_path)]) is None

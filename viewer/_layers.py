@@ -1,0 +1,123 @@
+"""Layer data for napari from a slide and a wsiflow result. No napari import needed.
+
+Everything is placed in micrometres. napari, like OME-NGFF, puts a pixel's *centre* at
+``index * scale + translate``: slide pixel (0, 0) spans [0, mpp) µm, so its centre, and
+the translate, is mpp / 2; a heatmap cell's centre is its tile's centre, as the NGFF
+metadata already says.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import MppPolicy, Slide, lookup_slide_location, open_slide
+
+__all__ = ["slide_layer", "result_layers", "LayerData", "open_result_slide"]
+
+LayerData = tuple[Any, dict[str, Any], str]
+_CHUNK_PX = 1024
+
+
+def _lazy_level(slide: Slide, level: int) -> Any:
+    """A dask array (rows, cols, 3) of one pyramid level, read a chunk at a time on demand."""
+    import dask.array as da
+
+    width, height = slide.info.level_dimensions[level]
+    downsample = slide.info.level_downsamples[level]
+
+    def read(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+        (r0, r1), (c0, c1), _ = block_info[None]["array-location"]
+        return slide.read_region(round(c0 * downsample), round(r0 * downsample), level, c1 - c0, r1 - r0)
+
+    template = da.zeros((height, width, 3), dtype=np.uint8, chunks=(_CHUNK_PX, _CHUNK_PX, 3))
+    return template.map_blocks(read, dtype=np.uint8)
+
+
+def slide_layer(slide: Slide, name: str = "slide") -> LayerData:
+    """The slide as a lazy multiscale RGB image in µm (level 0 is never loaded whole)."""
+    levels = [_lazy_level(slide, k) for k in range(len(slide.info.level_dimensions))]
+    sy, sx = slide.mpp.mpp_y, slide.mpp.mpp_x
+    return (
+        levels,
+        {
+            "name": name,
+            "rgb": True,
+            "multiscale": True,
+            "scale": (sy, sx),
+            "translate": (sy / 2, sx / 2),
+            "metadata": {"wsiflow": {"kind": "slide", "mpp": [sx, sy], "backend": slide.info.backend}},
+        },
+        "image",
+    )
+
+
+def _transform(dataset: dict[str, Any]) -> tuple[list[float], list[float]]:
+    scale = next(t["scale"] for t in dataset["coordinateTransformations"] if t["type"] == "scale")
+    translation = next(
+        (t["translation"] for t in dataset["coordinateTransformations"] if t["type"] == "translation"),
+        [0.0] * len(scale),
+    )
+    return scale, translation
+
+
+def _colormap(name: str, color: str) -> dict[str, Any]:
+    rgb = [int(color.lstrip("#")[i : i + 2], 16) / 255 for i in (0, 2, 4)]
+    return {"name": f"wsiflow-{name}", "colors": [[*rgb, 0.0], [*rgb, 1.0]]}
+
+
+def result_layers(result_dir: Path, visible_class: str | None = None) -> list[LayerData]:
+    """One heatmap layer per class and the tissue mask, from a result folder."""
+    import dask.array as da
+    import zarr
+
+    heatmap = zarr.open_group(str(result_dir / "heatmap.ome.zarr"), mode="r")
+    multiscale = heatmap.attrs["ome"]["multiscales"][0]
+    classes = heatmap.attrs["wsiflow"]["classes"]
+    scale, translation = _transform(multiscale["datasets"][0])
+    levels = [da.from_zarr(heatmap[d["path"]]) for d in multiscale["datasets"]]
+    visible = visible_class or classes[min(1, len(classes) - 1)]["name"]
+    layers: list[LayerData] = []
+    for index, cls in enumerate(classes):
+        layers.append((
+            [level[index] for level in levels],
+            {
+                "name": f"P({cls['name']})",
+                "multiscale": True,
+                "scale": tuple(scale[1:]),
+                "translate": tuple(translation[1:]),
+                "contrast_limits": (0.0, 1.0),
+                "colormap": _colormap(cls["name"], cls["color"]),
+                "opacity": 0.6,
+                "blending": "translucent",
+                "visible": cls["name"] == visible,
+                "metadata": {"wsiflow": {"kind": "heatmap", "class": cls["name"], "color": cls["color"]}},
+            },
+            "image",
+        ))
+    tissue = zarr.open_group(str(result_dir / "tissue.ome.zarr"), mode="r")
+    tissue_ms = tissue.attrs["ome"]["multiscales"][0]
+    t_scale, t_translation = _transform(tissue_ms["datasets"][0])
+    layers.append((
+        [da.from_zarr(tissue[d["path"]]) for d in tissue_ms["datasets"]],
+        {"name": "tissue", "multiscale": True, "scale": tuple(t_scale), "translate": tuple(t_translation),
+         "opacity": 0.3, "visible": False, "metadata": {"wsiflow": {"kind": "tissue"}}},
+        "labels",
+    ))
+    return layers
+
+
+def open_result_slide(result_dir: Path) -> Slide | None:
+    """The slide a result was computed from, via the site's private index (None if unknown)."""
+    manifest = json.loads((result_dir / "result.json").read_text(encoding="utf-8"))
+    location = lookup_slide_location(manifest["slide_id"])
+    if location is None:
+        return None
+    summary = json.loads((result_dir / "summary.json").read_text(encoding="utf-8"))
+    mpp = summary["provenance"]["mpp"]
+    # The same µm/px the analysis used (overrides included), so layers line up.
+    return open_slide(location, backend=summary["provenance"]["backend"],
+                      mpp_policy=MppPolicy(cli_mpp=(mpp["mpp_x"], mpp["mpp_y"])))
