@@ -44,8 +44,8 @@ def test_result_folder_gives_slide_heatmaps_and_mask_aligned_in_micrometres(resu
     assert kinds[5] == ("tissue", "labels")
 
     slide_data, slide_meta, _ = layers[0]
-    assert slide_meta["multiscale"] and slide_meta["rgb"]
-    assert slide_data[0].shape == (2967, 2220, 3)
+    assert slide_meta["rgb"] and not slide_meta["multiscale"]  # this slide has a single level
+    assert slide_data.shape == (2967, 2220, 3)
     assert slide_meta["scale"] == pytest.approx((0.499, 0.499))
     assert slide_meta["translate"] == pytest.approx((0.2495, 0.2495))
 
@@ -60,7 +60,7 @@ def test_result_folder_gives_slide_heatmaps_and_mask_aligned_in_micrometres(resu
     x0, y0 = table.column("x").to_numpy(), table.column("y").to_numpy()
     width = table.column("width").to_numpy()
     prob = table.column("prob_tissue").to_numpy()
-    level0 = np.asarray(heat_data[0])
+    level0 = np.asarray(heat_data[0] if heat_meta["multiscale"] else heat_data)
     for k in range(0, len(rows), 7):
         # World position of the heatmap cell = the tile's centre in µm...
         world = np.array(heat_meta["translate"]) + np.array([rows[k], cols[k]]) * np.array(heat_meta["scale"])
@@ -74,7 +74,7 @@ def test_result_folder_gives_slide_heatmaps_and_mask_aligned_in_micrometres(resu
 def test_slide_pixels_are_read_lazily_and_correctly(result, cmu_svs_module):
     from pipeline import open_slide
 
-    data = _read(result)[0][0][0]
+    data = _read(result)[0][0]
     assert data.chunksize[:2] == (1024, 1024)  # read chunk by chunk, never level 0 whole
     with open_slide(cmu_svs_module) as slide:
         np.testing.assert_array_equal(np.asarray(data[1000:1100, 500:640]), slide.read_region(500, 1000, 0, 140, 100))
@@ -90,3 +90,16 @@ def test_plain_slide_and_refusals(tmp_path):
                  shared_file("slides/TCGA-CR-7395-crop-jp2k-no-mpp.svs"), shared_file("images/he-tile-240px.png"), tmp_path]:
         assert napari_get_reader(str(path)) is None, path.name
     assert napari_get_reader([str(tmp_path), str(tmp_path)]) is None
+
+
+def test_pyramidal_slide_is_a_lazy_multiscale_layer(tmp_path):
+    from tests._synthetic import write_pyramid_tiff
+
+    image = np.full((3000, 4000, 3), 230, np.uint8)
+    image[1000:2000, 1000:3000] = (180, 60, 150)
+    path = write_pyramid_tiff(tmp_path / "pyramid.tiff", image, 0.25, levels=3)
+    (levels, meta, kind), = _read(path)
+    assert kind == "image" and meta["multiscale"]
+    assert [lv.shape[:2] for lv in levels] == [(3000, 4000), (1500, 2000), (750, 1000)]
+    assert meta["scale"] == pytest.approx((0.25, 0.25)) and meta["translate"] == pytest.approx((0.125, 0.125))
+    assert np.abs(np.asarray(levels[2][300:320, 400:420]).astype(int) - (180, 60, 150)).max() <= 12

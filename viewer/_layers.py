@@ -22,6 +22,11 @@ LayerData = tuple[Any, dict[str, Any], str]
 _CHUNK_PX = 1024
 
 
+def _pyramid(levels: list[Any]) -> tuple[Any, bool]:
+    """napari wants a plain array, not a one-level list, when there is no pyramid."""
+    return (levels, True) if len(levels) > 1 else (levels[0], False)
+
+
 def _lazy_level(slide: Slide, level: int) -> Any:
     """A dask array (rows, cols, 3) of one pyramid level, read a chunk at a time on demand."""
     import dask.array as da
@@ -39,14 +44,14 @@ def _lazy_level(slide: Slide, level: int) -> Any:
 
 def slide_layer(slide: Slide, name: str = "slide") -> LayerData:
     """The slide as a lazy multiscale RGB image in µm (level 0 is never loaded whole)."""
-    levels = [_lazy_level(slide, k) for k in range(len(slide.info.level_dimensions))]
+    data, multiscale = _pyramid([_lazy_level(slide, k) for k in range(len(slide.info.level_dimensions))])
     sy, sx = slide.mpp.mpp_y, slide.mpp.mpp_x
     return (
-        levels,
+        data,
         {
             "name": name,
             "rgb": True,
-            "multiscale": True,
+            "multiscale": multiscale,
             "scale": (sy, sx),
             "translate": (sy / 2, sx / 2),
             "metadata": {"wsiflow": {"kind": "slide", "mpp": [sx, sy], "backend": slide.info.backend}},
@@ -82,11 +87,12 @@ def result_layers(result_dir: Path, visible_class: str | None = None) -> list[La
     visible = visible_class or classes[min(1, len(classes) - 1)]["name"]
     layers: list[LayerData] = []
     for index, cls in enumerate(classes):
+        data, multiscale = _pyramid([level[index] for level in levels])
         layers.append((
-            [level[index] for level in levels],
+            data,
             {
                 "name": f"P({cls['name']})",
-                "multiscale": True,
+                "multiscale": multiscale,
                 "scale": tuple(scale[1:]),
                 "translate": tuple(translation[1:]),
                 "contrast_limits": (0.0, 1.0),
@@ -101,9 +107,10 @@ def result_layers(result_dir: Path, visible_class: str | None = None) -> list[La
     tissue = zarr.open_group(str(result_dir / "tissue.ome.zarr"), mode="r")
     tissue_ms = tissue.attrs["ome"]["multiscales"][0]
     t_scale, t_translation = _transform(tissue_ms["datasets"][0])
+    data, multiscale = _pyramid([da.from_zarr(tissue[d["path"]]) for d in tissue_ms["datasets"]])
     layers.append((
-        [da.from_zarr(tissue[d["path"]]) for d in tissue_ms["datasets"]],
-        {"name": "tissue", "multiscale": True, "scale": tuple(t_scale), "translate": tuple(t_translation),
+        data,
+        {"name": "tissue", "multiscale": multiscale, "scale": tuple(t_scale), "translate": tuple(t_translation),
          "opacity": 0.3, "visible": False, "metadata": {"wsiflow": {"kind": "tissue"}}},
         "labels",
     ))
