@@ -36,6 +36,8 @@ def run_view(args: argparse.Namespace, config: WsiflowConfig) -> int:
 
     viewer = napari.Viewer(title="wsiflow")
     viewer.open(str(args.path), plugin="wsiflow")
+    if (args.path / "result.json").is_file():
+        viewer.window.add_plugin_dock_widget("wsiflow", "wsiflow review")
     viewer.scale_bar.visible = True
     viewer.scale_bar.unit = "um"
     napari.run()

@@ -40,6 +40,7 @@ from ._privacy import (
     slide_id,
 )
 from ._slide import Slide, SlideInfo, open_slide, slide_info
+from ._tables import class_regions
 from ._tissue import TissueMask, TissueParams, detect_tissue, pen_mask
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "SlideOutcome",
     "analyse_slide",
     "classify_stream",
+    "class_regions",
     "plan_chunks",
     "resolve_device",
     "run_chunk",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -46,3 +47,34 @@ def wsiflow_cli() -> list[str]:
     if exe is None:
         pytest.fail("the wsiflow console script is not installed in this environment")
     return [exe]
+
+
+_XVFB: subprocess.Popen | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A virtual screen for the napari tests when there is none (Qt needs one for OpenGL)."""
+    global _XVFB
+    if os.environ.get("DISPLAY") or shutil.which("Xvfb") is None:
+        return
+    for number in range(90, 110):
+        if not Path(f"/tmp/.X11-unix/X{number}").exists() and not Path(f"/tmp/.X{number}-lock").exists():
+            break
+    _XVFB = subprocess.Popen(
+        ["Xvfb", f":{number}", "-screen", "0", "1280x1024x24", "-nolisten", "tcp"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    for _ in range(100):
+        if Path(f"/tmp/.X11-unix/X{number}").exists():
+            break
+        import time
+
+        time.sleep(0.05)
+    os.environ["DISPLAY"] = f":{number}"
+    os.environ.setdefault("QT_QPA_PLATFORM", "xcb")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _XVFB is not None:
+        _XVFB.terminate()
+        _XVFB.wait(timeout=10)

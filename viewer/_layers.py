@@ -100,7 +100,8 @@ def result_layers(result_dir: Path, visible_class: str | None = None) -> list[La
                 "opacity": 0.6,
                 "blending": "translucent",
                 "visible": cls["name"] == visible,
-                "metadata": {"wsiflow": {"kind": "heatmap", "class": cls["name"], "color": cls["color"]}},
+                "metadata": {"wsiflow": {"kind": "heatmap", "class": cls["name"], "color": cls["color"],
+                                         "result_dir": str(result_dir)}},
             },
             "image",
         ))
