@@ -103,3 +103,14 @@ def test_pyramidal_slide_is_a_lazy_multiscale_layer(tmp_path):
     assert [lv.shape[:2] for lv in levels] == [(3000, 4000), (1500, 2000), (750, 1000)]
     assert meta["scale"] == pytest.approx((0.25, 0.25)) and meta["translate"] == pytest.approx((0.125, 0.125))
     assert np.abs(np.asarray(levels[2][300:320, 400:420]).astype(int) - (180, 60, 150)).max() <= 12
+
+
+def test_sample_data_contribution(result, monkeypatch):
+    npe2.PluginManager.instance().discover()
+    manifest = npe2.PluginManager.instance().get_manifest("wsiflow")
+    assert [s.key for s in manifest.contributions.sample_data] == ["demo"]
+    monkeypatch.setenv("WSIFLOW_DEMO_OUT", str(result.parent.parent))
+    from viewer._sample import demo_result
+
+    names = [meta["name"] for _, meta, _ in demo_result()]
+    assert names[0] == "slide" and "P(tissue)" in names
