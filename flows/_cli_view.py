@@ -33,12 +33,14 @@ def run_view(args: argparse.Namespace, config: WsiflowConfig) -> int:
               file=sys.stderr)
         return EXIT_FAILED
     import napari
+    from napari.settings import get_settings
 
+    # Slice (read slide tiles) off the GUI thread so panning a gigapixel slide stays fluid.
+    get_settings().experimental.async_ = True
     viewer = napari.Viewer(title="wsiflow")
     viewer.open(str(args.path), plugin="wsiflow")
     if (args.path / "result.json").is_file():
         viewer.window.add_plugin_dock_widget("wsiflow", "wsiflow review")
     viewer.scale_bar.visible = True
-    viewer.scale_bar.unit = "um"
     napari.run()
     return EXIT_OK
