@@ -22,6 +22,7 @@ from pipeline import (
     MppPolicy,
     SlideOutcome,
     analyse_slide,
+    is_dicom_folder,
     site_secret,
 )
 
@@ -77,10 +78,6 @@ def add_run_parser(commands: argparse._SubParsersAction) -> None:
     )
 
 
-def _is_dicom_folder(folder: Path) -> bool:
-    return any(p.suffix.lower() == ".dcm" for p in folder.iterdir() if p.is_file())
-
-
 def expand_slides(arguments: list[str]) -> list[str]:
     """Files, DICOM folders, folders of slides and glob patterns -> slide paths (ordered, unique)."""
     found: list[str] = []
@@ -88,11 +85,11 @@ def expand_slides(arguments: list[str]) -> list[str]:
         matches = sorted(glob.glob(argument)) if any(ch in argument for ch in "*?[") else [argument]
         for match in matches:
             path = Path(match)
-            if path.is_dir() and not _is_dicom_folder(path):
+            if path.is_dir() and not is_dicom_folder(path):
                 children = sorted(p for p in path.iterdir() if not p.name.startswith("."))
                 found.extend(
                     str(p) for p in children
-                    if (p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES) or (p.is_dir() and _is_dicom_folder(p))
+                    if (p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES) or (p.is_dir() and is_dicom_folder(p))
                 )
             else:
                 found.append(match)

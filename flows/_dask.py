@@ -87,19 +87,6 @@ def worker_cache_sizes() -> dict[str, Any]:
     return {"models": len(_MODELS), "slides": len(_SLIDES), "pid": os.getpid()}
 
 
-_TRANSIENT: tuple[type[BaseException], ...] = (OSError, RuntimeError, TimeoutError)
-
-
-def _load_transient() -> None:
-    """Failures worth a retry and, once retries are spent, a ``WorkerError``."""
-    global _TRANSIENT
-    from concurrent.futures import CancelledError
-
-    from distributed.scheduler import KilledWorker
-
-    _TRANSIENT = (KilledWorker, CancelledError, OSError, RuntimeError, TimeoutError, MemoryError)
-
-
 class DaskChunkExecutor:
     """A ``pipeline.ChunkExecutor`` that submits chunks to a ``distributed.Client``."""
 
@@ -119,9 +106,13 @@ class DaskChunkExecutor:
         run_local: Callable[[ChunkTask], None],
         advance: Callable[[int], None] | None,
     ) -> None:
-        from distributed import as_completed
+        from concurrent.futures import CancelledError
 
-        _load_transient()
+        from distributed import as_completed
+        from distributed.scheduler import KilledWorker
+
+        # Failures worth a retry and, once retries are spent, a WorkerError.
+        transient = (KilledWorker, CancelledError, OSError, RuntimeError, TimeoutError, MemoryError)
         if not tasks:
             return
         resources = {"GPU": 1} if self._gpu_workers() else None
@@ -137,7 +128,7 @@ class DaskChunkExecutor:
         for future in as_completed(futures):
             try:
                 _, tiles, error = future.result()
-            except _TRANSIENT as exc:
+            except transient as exc:
                 failure = failure or WorkerError(
                     f"a chunk failed {self.retries + 1} times on the cluster ({type(exc).__name__})"
                 )

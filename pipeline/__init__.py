@@ -3,11 +3,11 @@
 Imports nothing from ``models``, ``flows`` or ``viewer``.
 """
 
-from ._classifier import PatchClassifier, Preprocessing, classify_tiles, tiles_to_tensor
+from ._classifier import PatchClassifier, Preprocessing, classify_tiles
 from ._analysis import RESULT_MANIFEST, AnalysisParams, ChunkExecutor, ChunkJob, ModelInfo, SlideOutcome, analyse_slide, run_chunk
 from ._chunks import ChunkTask, plan_chunks
 from ._engine import EngineSettings, classify_stream, resolve_device
-from ._backend import BACKEND_NAMES, SLIDE_SUFFIXES, BackendName, SlideBackend, open_backend
+from ._backend import BACKEND_NAMES, SLIDE_SUFFIXES, BackendName, SlideBackend, is_dicom_folder, open_backend
 from ._errors import (
     ConfigError,
     CorruptSlideError,
@@ -63,10 +63,10 @@ __all__ = [
     "PatchClassifier",
     "Preprocessing",
     "classify_tiles",
-    "tiles_to_tensor",
     "MAX_GRID_POSITIONS",
     "BACKEND_NAMES",
     "SLIDE_SUFFIXES",
+    "is_dicom_folder",
     "BackendName",
     "ConfigError",
     "CorruptSlideError",

@@ -25,7 +25,7 @@ from ._errors import (
     WsiflowError,
 )
 
-__all__ = ["BackendName", "SlideBackend", "open_backend", "BACKEND_NAMES", "SLIDE_SUFFIXES"]
+__all__ = ["BackendName", "SlideBackend", "open_backend", "BACKEND_NAMES", "SLIDE_SUFFIXES", "is_dicom_folder"]
 
 _log = logging.getLogger(__name__)
 
@@ -205,6 +205,11 @@ def _check_readable(path: Path) -> None:
                 fh.read(1)
     except PermissionError as exc:
         raise SlidePermissionError("the slide cannot be read: permission denied") from exc
+
+
+def is_dicom_folder(folder: Path) -> bool:
+    """Whether a folder holds DICOM instances (``*.dcm``): then it is one slide."""
+    return folder.is_dir() and any(p.suffix.lower() == ".dcm" for p in folder.iterdir() if p.is_file())
 
 
 def _dicom_candidates(folder: Path) -> list[Path]:

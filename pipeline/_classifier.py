@@ -18,7 +18,7 @@ from ._errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Preprocessing", "PatchClassifier", "tiles_to_tensor", "classify_tiles"]
+__all__ = ["Preprocessing", "PatchClassifier", "classify_tiles"]
 
 
 @dataclass(frozen=True)
@@ -46,19 +46,6 @@ class PatchClassifier(Protocol):
     module: torch.nn.Module
 
 
-def tiles_to_tensor(tiles: np.ndarray | Sequence[np.ndarray], preprocessing: Preprocessing) -> torch.Tensor:
-    """RGB uint8 (n, h, w, 3) -> float32 (n, 3, h, w), scaled to [0, 1] and normalised."""
-    import torch
-
-    batch = np.ascontiguousarray(np.stack(tiles) if not isinstance(tiles, np.ndarray) else tiles)
-    if batch.ndim != 4 or batch.shape[-1] != 3 or batch.dtype != np.uint8:
-        raise ValueError(f"expected RGB uint8 tiles (n, h, w, 3), got {batch.dtype} {batch.shape}")
-    tensor = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1)
-    return tensor.sub_(mean).div_(std)
-
-
 def classify_tiles(
     classifier: PatchClassifier,
     tiles: np.ndarray | Sequence[np.ndarray],
@@ -66,15 +53,15 @@ def classify_tiles(
     batch_size: int = 64,
     device: str = "cpu",
 ) -> np.ndarray:
-    """Class probabilities (n, classes) float32 for RGB uint8 tiles, in batches."""
-    import torch
+    """Class probabilities (n, classes) float32 for in-memory RGB uint8 tiles.
 
-    module = classifier.module.to(device).eval()
+    The same engine path as slide analysis (same normalisation, same thread count), so
+    ``models predict``/``validate`` score tiles exactly as ``wsiflow run`` does.
+    """
+    from ._engine import EngineSettings, classify_stream
+
     array = np.stack(tiles) if not isinstance(tiles, np.ndarray) else tiles
-    out = np.empty((len(array), len(classifier.class_names)), dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(array), batch_size):
-            batch = tiles_to_tensor(array[start : start + batch_size], classifier.preprocessing)
-            logits = module(batch.to(device))
-            out[start : start + len(batch)] = torch.softmax(logits.float(), dim=1).cpu().numpy()
-    return out
+    if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"expected RGB uint8 tiles (n, h, w, 3), got {array.dtype} {array.shape}")
+    settings = EngineSettings(batch_size=batch_size, readers=1, device=device)  # type: ignore[arg-type]
+    return classify_stream(classifier, array.__getitem__, range(len(array)), settings)

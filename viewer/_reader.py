@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline import SLIDE_SUFFIXES, WsiflowError, open_slide
+from pipeline import SLIDE_SUFFIXES, WsiflowError, is_dicom_folder, open_slide
 
 from ._layers import LayerData, open_result_slide, result_layers, slide_layer
 
@@ -36,7 +36,7 @@ def _read_result(path: Path) -> list[LayerData]:
 def _looks_like_slide(path: Path) -> bool:
     if path.is_file():
         return path.suffix.lower() in SLIDE_SUFFIXES
-    return path.is_dir() and any(p.suffix.lower() == ".dcm" for p in path.iterdir() if p.is_file())
+    return is_dicom_folder(path)
 
 
 def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
