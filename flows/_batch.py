@@ -33,6 +33,9 @@ from pipeline import (
     site_secret,
     slide_id,
 )
+
+from ._cli_common import audit_run
+
 __all__ = ["BatchSpec", "save_batch", "load_batch", "batch_flow", "run_batch"]
 
 _log = logging.getLogger(__name__)
@@ -137,17 +140,20 @@ def _analyse_one(batch_id: str, index: int, slide: str, address: str | None) -> 
     spec = load_batch(batch_id)
     registry, model = _model(spec)
     m = model.manifest
+    info = ModelInfo(m.name, m.version, m.weights_sha256, tuple(c.color for c in m.classes))
+    params = AnalysisParams(
+        stride_px=spec.stride_px, min_tissue_fraction=spec.min_tissue_fraction, edge=spec.edge,  # type: ignore[arg-type]
+        tissue=TissueParams(**spec.tissue), chunk_cells=spec.chunk_cells, overview_class=spec.overview_class,
+    )
     outcome = analyse_slide(
-        spec.slides[index], model, ModelInfo(m.name, m.version, m.weights_sha256, tuple(c.color for c in m.classes)),
+        spec.slides[index], model, info,
         out_dir=Path(spec.out), secret=site_secret(),
-        params=AnalysisParams(
-            stride_px=spec.stride_px, min_tissue_fraction=spec.min_tissue_fraction, edge=spec.edge,  # type: ignore[arg-type]
-            tissue=TissueParams(**spec.tissue), chunk_cells=spec.chunk_cells, overview_class=spec.overview_class,
-        ),
+        params=params,
         engine=EngineSettings(batch_size=spec.batch_size, readers=spec.readers, device=spec.device),  # type: ignore[arg-type]
         mpp_policy=_mpp_policy(spec), backend=spec.backend, force=spec.force,  # type: ignore[arg-type]
         executor=_executor(spec, address),
     )
+    audit_run(outcome, info, params, via=f"batch:{batch_id}", mpp=spec.mpp, backend=spec.backend)
     if isinstance(outcome.error, WorkerError):
         raise _TransientSlideFailure(outcome.error.message)
     row = outcome.to_json()

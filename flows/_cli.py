@@ -16,8 +16,11 @@ from pathlib import Path
 
 from pipeline import ConfigError, WsiflowError, apply_offline_env
 
+from ._cli_audit import add_audit_parser, run_audit
 from ._cli_batch import add_batch_parser, run_batch_command
 from ._cli_common import EXIT_FAILED, EXIT_USAGE
+from ._cli_deid import add_deid_parser, run_deid
+from ._cli_export import add_export_parser, run_export
 from ._cli_inspect import add_inspect_parser, run_inspect
 from ._cli_models import add_models_parser, run_models
 from ._cli_run import add_run_parser, run_run
@@ -32,6 +35,7 @@ _log = logging.getLogger("wsiflow")
 
 _COMMANDS = {
     "inspect": run_inspect,
+    "deid": run_deid,
     "models": run_models,
     "run": run_run,
     "batch": run_batch_command,
@@ -40,6 +44,8 @@ _COMMANDS = {
     "view": run_view,
     "train": run_train,
     "validate": run_validate,
+    "export": run_export,
+    "audit": run_audit,
 }
 
 
@@ -54,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show progress logs")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_inspect_parser(commands)
+    add_deid_parser(commands)
     add_run_parser(commands)
     add_batch_parser(commands)
     add_serve_parser(commands)
@@ -62,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_models_parser(commands)
     add_train_parser(commands)
     add_validate_parser(commands)
+    add_export_parser(commands)
+    add_audit_parser(commands)
     return parser
 
 

@@ -12,7 +12,7 @@ from models import ModelEntry, Registry
 from models._import import import_model
 from models._loading import load_model_from_dir
 from models._patches import load_patch
-from pipeline import WsiflowError, classify_tiles
+from pipeline import WsiflowError, audit_event, classify_tiles
 
 from ._cli_common import EXIT_FAILED, EXIT_OK
 from ._config import WsiflowConfig
@@ -127,7 +127,10 @@ def _verify(registry: Registry, args: argparse.Namespace) -> int:
         try:
             load_model_from_dir(entry.manifest, entry.directory)  # sha256 first, then a strict load
             results.append({"ref": entry.manifest.ref, "ok": True, "sha256": entry.manifest.weights_sha256, "error": None})
+            audit_event("model-verify", model_digest=entry.manifest.weights_sha256, params={"ref": entry.manifest.ref})
         except WsiflowError as exc:
+            audit_event("model-verify", model_digest=entry.manifest.weights_sha256, params={"ref": entry.manifest.ref},
+                        outcome=f"failed:{exc.kind}")
             failed += 1
             results.append({"ref": entry.manifest.ref, "ok": False, "sha256": entry.manifest.weights_sha256,
                             "error": {"kind": exc.kind, "message": exc.message}})
@@ -142,9 +145,16 @@ def _verify(registry: Registry, args: argparse.Namespace) -> int:
 
 
 def _import(registry: Registry, args: argparse.Namespace) -> int:
-    entry = import_model(
-        registry, args.source, manifest_path=args.manifest, allow_pickle_conversion=args.allow_pickle_conversion
-    )
+    try:
+        entry = import_model(
+            registry, args.source, manifest_path=args.manifest, allow_pickle_conversion=args.allow_pickle_conversion
+        )
+    except WsiflowError as exc:
+        audit_event("model-import", params={"allow_pickle_conversion": args.allow_pickle_conversion},
+                    outcome=f"failed:{exc.kind}")
+        raise
+    audit_event("model-import", model_digest=entry.manifest.weights_sha256,
+                params={"ref": entry.manifest.ref, "allow_pickle_conversion": args.allow_pickle_conversion})
     if args.json:
         print(json.dumps(_summary(entry, registry.default_version(entry.manifest.name)), indent=2))
     else:
@@ -154,12 +164,19 @@ def _import(registry: Registry, args: argparse.Namespace) -> int:
 
 def _remove(registry: Registry, args: argparse.Namespace) -> int:
     entry = registry.remove(args.model)
+    audit_event("model-remove", model_digest=entry.manifest.weights_sha256, params={"ref": entry.manifest.ref})
     print(f"removed {entry.manifest.ref}")
     return EXIT_OK
 
 
 def _promote(registry: Registry, args: argparse.Namespace, config: WsiflowConfig) -> int:
-    entry, previous = registry.promote(args.model, config.acceptance)
+    try:
+        entry, previous = registry.promote(args.model, config.acceptance)
+    except WsiflowError as exc:
+        audit_event("model-promote", params={"ref": args.model}, outcome=f"failed:{exc.kind}")
+        raise
+    audit_event("model-promote", model_digest=entry.manifest.weights_sha256,
+                params={"ref": entry.manifest.ref, "previous_default": previous})
     if args.json:
         print(json.dumps({"ref": entry.manifest.ref, "previous_default": previous}, indent=2))
     else:

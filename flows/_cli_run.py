@@ -26,7 +26,7 @@ from pipeline import (
     site_secret,
 )
 
-from ._cli_common import EXIT_FAILED, EXIT_OK, mpp_arg
+from ._cli_common import EXIT_FAILED, EXIT_OK, audit_run, mpp_arg
 from ._cli_models import registry_for
 from ._config import WsiflowConfig
 
@@ -163,6 +163,7 @@ def run_run(args: argparse.Namespace, config: WsiflowConfig) -> int:
             progress=_progress_factory(label, not args.json), executor=executor,
         )
         outcomes.append((index, slide, outcome))
+        audit_run(outcome, info, params, via="run", mpp=args.mpp, backend=args.backend or config.backend)
         if outcome.error is not None:
             print(f"{label} slide {outcome.slide_id or '(unreadable)'} failed: {outcome.error.one_line()}", file=sys.stderr)
         elif not args.json:

@@ -8,9 +8,11 @@ from ._analysis import RESULT_MANIFEST, AnalysisParams, ChunkExecutor, ChunkJob,
 from ._chunks import ChunkTask, plan_chunks
 from ._engine import EngineSettings, classify_stream, resolve_device
 from ._backend import BACKEND_NAMES, SLIDE_SUFFIXES, BackendName, SlideBackend, is_dicom_folder, open_backend
+from ._deid import DeidReport, deidentify_slide
 from ._errors import (
     ConfigError,
     CorruptSlideError,
+    DeidentificationError,
     OutputError,
     WorkerError,
     MissingMppError,
@@ -29,6 +31,16 @@ from ._mpp import (
     check_plausible_mpp,
     resolve_mpp,
 )
+from ._audit import (
+    AUDIT_ACTIONS,
+    AuditRecord,
+    AuditVerification,
+    audit_event,
+    audit_log_path,
+    params_digest,
+    read_audit_log,
+    verify_audit_log,
+)
 from ._privacy import (
     OFFLINE_ENV,
     apply_offline_env,
@@ -44,6 +56,14 @@ from ._tables import class_regions
 from ._tissue import TissueMask, TissueParams, detect_tissue, pen_mask
 
 __all__ = [
+    "AUDIT_ACTIONS",
+    "AuditRecord",
+    "AuditVerification",
+    "audit_event",
+    "audit_log_path",
+    "params_digest",
+    "read_audit_log",
+    "verify_audit_log",
     "RESULT_MANIFEST",
     "AnalysisParams",
     "ChunkExecutor",
@@ -70,6 +90,9 @@ __all__ = [
     "BackendName",
     "ConfigError",
     "CorruptSlideError",
+    "DeidReport",
+    "DeidentificationError",
+    "deidentify_slide",
     "GridSpec",
     "MissingMppError",
     "MppOverride",

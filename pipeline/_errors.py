@@ -18,6 +18,7 @@ __all__ = [
     "ConfigError",
     "OutputError",
     "WorkerError",
+    "DeidentificationError",
 ]
 
 
@@ -108,3 +109,13 @@ class WorkerError(WsiflowError, RuntimeError):
 
     kind = "worker"
     hint = "check the cluster's workers (memory, shared storage), then run again: finished chunks are kept"
+
+
+class DeidentificationError(WsiflowError, ValueError):
+    """A de-identified copy could not be made safely, so none was written (fail closed)."""
+
+    kind = "deid"
+    hint = (
+        "nothing was written; the slide holds something wsiflow cannot remove safely "
+        "(see the message); de-identify it with the scanner vendor's tools instead"
+    )

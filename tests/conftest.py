@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -49,12 +52,114 @@ def wsiflow_cli() -> list[str]:
     return [exe]
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """One real Prefect server for the whole session (it takes 20-60 s to start), on 127.0.0.1."""
+    pytest.importorskip("prefect")
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    prefect = shutil.which("prefect", path=str(Path(sys.executable).parent))
+    log = open(home / "server.log", "w")
+    process = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the Prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+        time.sleep(1)
+    yield {"url": url, "home": home, "env": env}
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
 _XVFB: subprocess.Popen | None = None
+NETGUARD_DIR = Path(__file__).resolve().parent / "_netguard"
+_NETGUARD_LOG: Path | None = None
+
+
+def _install_netguard() -> None:
+    """Record non-loopback network use of this process and of every Python it starts."""
+    global _NETGUARD_LOG
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix="wsiflow-netguard-", suffix=".log")
+    os.close(fd)
+    _NETGUARD_LOG = Path(name)
+    os.environ["WSIFLOW_NETGUARD_LOG"] = name
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(NETGUARD_DIR), os.environ.get("PYTHONPATH")]))
+    sys.path.insert(0, str(NETGUARD_DIR))
+    import sitecustomize  # noqa: F401 -- ours, from _netguard; it installs the hook on import
+
+    if "_netguard" not in getattr(sitecustomize, "__file__", ""):
+        from importlib.util import module_from_spec, spec_from_file_location
+
+        spec = spec_from_file_location("_wsiflow_netguard", NETGUARD_DIR / "sitecustomize.py")
+        module = module_from_spec(spec)  # type: ignore[arg-type]
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+
+
+def netguard_entries(start: int = 0) -> list[str]:
+    """Lines the guard recorded (from byte ``start``)."""
+    if _NETGUARD_LOG is None or not _NETGUARD_LOG.exists():
+        return []
+    with open(_NETGUARD_LOG, encoding="utf-8") as fh:
+        fh.seek(start)
+        return [line for line in fh.read().splitlines() if line.strip()]
+
+
+@pytest.fixture(autouse=True)
+def _no_outbound_network() -> object:
+    """Fail the test during which any process of the suite tried to reach a non-loopback address."""
+    start = _NETGUARD_LOG.stat().st_size if _NETGUARD_LOG and _NETGUARD_LOG.exists() else 0
+    yield
+    new = netguard_entries(start)
+    if new:
+        destinations = sorted({line.split(" -> ", 1)[1].split(" :: ", 1)[0] for line in new})
+        pytest.fail(f"outbound network attempt(s) to {', '.join(destinations)}:\n" + "\n".join(new[:5]))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    entries = netguard_entries()
+    if entries:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"NETWORK GUARD: {len(entries)} outbound attempt(s) during the session:", red=True)
+            for line in entries[:20]:
+                reporter.write_line("  " + line[:400])
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """A virtual screen for the napari tests when there is none (Qt needs one for OpenGL)."""
+    """The network guard, and a virtual screen for napari when there is none (Qt needs one for OpenGL)."""
     global _XVFB
+    _install_netguard()
     if os.environ.get("DISPLAY") or shutil.which("Xvfb") is None:
         return
     for number in range(90, 110):
@@ -75,6 +180,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    if _NETGUARD_LOG is not None and _NETGUARD_LOG.exists() and _NETGUARD_LOG.stat().st_size == 0:
+        _NETGUARD_LOG.unlink()  # a non-empty log is kept for inspection
     if _XVFB is not None:
         _XVFB.terminate()
         _XVFB.wait(timeout=10)

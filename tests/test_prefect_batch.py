@@ -1,67 +1,20 @@
-"""The batch flow on a real Prefect server (started once for this module, on 127.0.0.1)."""
+"""The batch flow on a real Prefect server (the session's, see conftest, on 127.0.0.1)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import shared_file
 
 pytest.importorskip("prefect")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "PREFECT_UI_ENABLED": "false",
-    }
-    prefect = shutil.which("prefect", path=str(Path(sys.executable).parent))
-    log = open(home / "server.log", "w")
-    process = subprocess.Popen(
-        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the Prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
-        time.sleep(1)
-    yield {"url": url, "home": home, "env": env}
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
 
 
 def _api(prefect_server, path: str, body: dict | None = None):
@@ -93,7 +46,9 @@ def test_batch_flow_on_the_server(prefect_server, wsiflow_cli, cmu_svs, tmp_path
     done = report["slides"][0]
     assert (tmp_path / "out" / done["result"] / "result.json").exists()
 
-    flow_runs = _api(prefect_server, "/flow_runs/filter", {"limit": 10})
+    # The server is shared by the session: look only at this batch's run.
+    flow_runs = [r for r in _api(prefect_server, "/flow_runs/filter", {"limit": 200})
+                 if r["name"] == f"batch-{report['batch_id']}"]
     assert len(flow_runs) == 1
     run = flow_runs[0]
     assert run["name"] == f"batch-{report['batch_id']}"
@@ -101,13 +56,15 @@ def test_batch_flow_on_the_server(prefect_server, wsiflow_cli, cmu_svs, tmp_path
     assert run["state"]["name"] == "Partially failed" and run["state"]["type"] == "FAILED"
     deadline = time.monotonic() + 60  # task runs arrive as events, recorded asynchronously
     while True:
-        task_runs = _api(prefect_server, "/task_runs/filter", {"limit": 50})
+        task_runs = [t for t in _api(prefect_server, "/task_runs/filter", {"limit": 200})
+                     if t["flow_run_id"] == run["id"]]
         if len(task_runs) >= 2 or time.monotonic() > deadline:
             break
         time.sleep(1)
     names = sorted(t["name"] for t in task_runs)
     assert names == sorted(f"slide-{r['slide_id']}" for r in report["slides"])
-    artifacts = _api(prefect_server, "/artifacts/filter", {"limit": 10})
+    artifacts = [a for a in _api(prefect_server, "/artifacts/filter", {"limit": 200})
+                 if a.get("flow_run_id") == run["id"]]
     table = next(a for a in artifacts if a["key"] == "wsiflow-batch")
     rows = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
     assert [r["status"] for r in rows] == ["done", "failed"] and rows[1]["error"] == "corrupt"

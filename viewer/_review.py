@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import audit_event
+
 __all__ = ["REVIEW_FILE", "DECISIONS", "ReviewedShape", "ResultInfo", "save_review", "load_review", "default_reviewer"]
 
 REVIEW_FILE = "review.geojson"
@@ -96,6 +98,8 @@ def save_review(info: ResultInfo, shapes: list[ReviewedShape], reviewer: str) ->
     tmp = path.with_name(f".{REVIEW_FILE}.tmp")
     tmp.write_text(json.dumps(document, indent=1), encoding="utf-8")
     tmp.replace(path)
+    counts = {d: sum(s.decision == d for s in shapes) for d in DECISIONS}
+    audit_event("review-save", slide_id=info.slide_id, model_digest=info.model.get("sha256"), params=counts)
     return path
 
 

@@ -1,0 +1,129 @@
+"""No patient data in anything wsiflow writes.
+
+A generated SVS-like slide carries a sentinel string in every text tag, every
+ImageDescription field, its file name and its folder name, and shows it as text in the
+pixels of its label and macro images. It goes through the whole pipeline: a CLI run, a
+batch flow on the session's Prefect server and a review export. Then every byte written
+(results, export, captured logs, the Prefect database and server log, the site's audit
+log and other site files) is searched for the sentinel. Only the site's private index
+files (owner-only; they map IDs back to paths by design) may hold it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import audit_log_path, site_dir, verify_audit_log
+from tests._sentinel_slide import SENTINEL, write_sentinel_svs
+
+# Site files that exist to map pseudonymous IDs back to paths; never part of results.
+PRIVATE_SITE_FILES = ("slide-index.json", "batches/", "inboxes/")
+
+
+def _variants(text: str) -> list[bytes]:
+    forms = {text, text.lower(), text.upper()}
+    out = []
+    for form in forms:
+        out += [form.encode("utf-8"), form.encode("utf-16-le"), form.encode("utf-16-be")]
+    return out
+
+
+def _decoded_views(path: Path, raw: bytes) -> list[bytes]:
+    """Compressed containers whose text would not show in the raw bytes."""
+    views = [raw]
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        views.append(json.dumps(table.to_pylist(), default=str).encode())
+        views.append(json.dumps({k.decode(errors="replace"): v.decode(errors="replace")
+                                 for k, v in (table.schema.metadata or {}).items()}).encode())
+    elif path.suffix == ".png":
+        from PIL import Image
+
+        with Image.open(path) as image:
+            views.append(json.dumps({str(k): str(v) for k, v in image.info.items()}).encode())
+    return views
+
+
+def _hits(root: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    needles = _variants(SENTINEL)
+    found = []
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root).as_posix()
+        if SENTINEL.lower() in relative.lower():
+            found.append(f"{root.name}/{relative} (name)")
+        if not path.is_file() or any(relative == s or relative.startswith(s) for s in skip):
+            continue
+        for view in _decoded_views(path, path.read_bytes()):
+            if any(n in view for n in needles):
+                found.append(f"{root.name}/{relative}")
+                break
+    return found
+
+
+@pytest.mark.slow
+def test_the_sentinel_appears_in_nothing_wsiflow_writes(prefect_server, wsiflow_cli, tmp_path):
+    slide = write_sentinel_svs(tmp_path / "incoming", SENTINEL)
+    assert SENTINEL in slide.name and SENTINEL in slide.parent.name
+    assert SENTINEL.encode() in slide.read_bytes()  # the input really carries it
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    written = tmp_path / "written"  # everything wsiflow writes goes under here (or the site/Prefect dirs)
+    env = {**os.environ, "PREFECT_API_URL": prefect_server["url"], "PREFECT_HOME": str(prefect_server["home"])}
+    local_env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+
+    def wsiflow(name: str, *args: str, environ: dict[str, str]) -> subprocess.CompletedProcess:
+        done = subprocess.run([*wsiflow_cli, "--verbose", *args], capture_output=True, text=True,
+                              timeout=900, env=environ)
+        (logs / f"{name}.out").write_text(done.stdout, encoding="utf-8")
+        (logs / f"{name}.err").write_text(done.stderr, encoding="utf-8")
+        assert done.returncode == 0, f"wsiflow {name} failed:\n{done.stderr[-3000:]}"
+        return done
+
+    wsiflow("inspect", "inspect", str(slide), "--json", environ=local_env)
+    run = wsiflow("run", "run", str(slide), "--out", str(written / "cli"), "--stride", "112", "--json",
+                  environ=local_env)
+    [row] = json.loads(run.stdout)
+    result_dir = Path(row["result_dir"])
+    assert row["status"] == "done" and row["slide_id"].startswith("s-")
+
+    batch = wsiflow("batch", "batch", str(slide), "--out", str(written / "flow"), "--stride", "112", "--json",
+                    environ=env)
+    report = json.loads(batch.stdout)
+    assert [r["status"] for r in report["slides"]] == ["done"]
+    assert report["slides"][0]["slide_id"] == row["slide_id"]  # same content, same pseudonym
+
+    # A pathologist's review (headless: the widget's own save function), then an export.
+    from viewer._review import ResultInfo, ReviewedShape, save_review
+
+    info = ResultInfo.from_result(result_dir)
+    triangle_um = np.array([[100.0, 100.0], [100.0, 400.0], [400.0, 400.0]])
+    save_review(info, [ReviewedShape(triangle_um, info.class_names[-1], "confirm", "looks right")],
+                reviewer="dr-review")
+    wsiflow("export", "export", str(result_dir), "--out", str(written / "export"), environ=local_env)
+    wsiflow("audit", "audit", "verify", environ=local_env)
+
+    assert list((written / "export").glob("s-*/review.geojson")), "the export wrote no review"
+    audit = [json.loads(line) for line in audit_log_path().read_text(encoding="utf-8").splitlines()]
+    mine = {e["action"] for e in audit if e["slide_id"] == row["slide_id"]}
+    assert {"run", "review-save", "export"} <= mine, mine
+    assert verify_audit_log().ok
+
+    hits = (
+        _hits(written) + _hits(logs) + _hits(prefect_server["home"])
+        + _hits(site_dir(), skip=PRIVATE_SITE_FILES)
+    )
+    assert not hits, f"the sentinel was written to: {hits}"
+    # The private index does hold the path (that is its job): it must be owner-only.
+    index = site_dir() / "slide-index.json"
+    assert SENTINEL.encode() in index.read_bytes()
+    assert index.stat().st_mode & 0o077 == 0
+    for spec in (site_dir() / "batches").glob("*"):
+        assert spec.stat().st_mode & 0o077 == 0, "batch specs hold slide paths: they must be owner-only"
