@@ -47,8 +47,9 @@ def test_list_show_verify(wsiflow_cli, site):
     assert all(r["ok"] for r in json.loads(verify.stdout))
 
 
-def test_verify_reports_tampering_with_exit_1(wsiflow_cli, site):
+def test_verify_reports_tampering_with_exit_1(wsiflow_cli, site, tmp_path):
     root, env = site
+    env = {**env, "WSIFLOW_HOME": str(tmp_path / "audit-site")}  # its own audit log
     weights = root / "tiny" / "1" / "weights.safetensors"
     data = bytearray(weights.read_bytes())
     data[100] ^= 1
@@ -58,6 +59,10 @@ def test_verify_reports_tampering_with_exit_1(wsiflow_cli, site):
     assert "weights-tampered" in result.stderr and "Traceback" not in result.stderr
     predict = _run(wsiflow_cli, "models", "predict", "tiny", shared_file("images/he-tile-240px.png"), env=env)
     assert predict.returncode == 1 and "weights-tampered" in predict.stderr
+    from pipeline import read_audit_log
+
+    [event] = [e for e in read_audit_log(tmp_path / "audit-site") if e["action"] == "model-verify"]
+    assert event["outcome"] == "failed:weights-tampered" and event["model_digest"]
 
 
 def test_bundled_model_cannot_be_removed(wsiflow_cli, site):

@@ -114,3 +114,19 @@ def test_sample_data_contribution(result, monkeypatch):
 
     names = [meta["name"] for _, meta, _ in demo_result()]
     assert names[0] == "slide" and "P(tissue)" in names
+
+
+def test_opening_a_result_or_a_slide_is_recorded_in_the_audit_log(result, cmu_svs_module):
+    import json
+
+    from pipeline import read_audit_log, verify_audit_log
+
+    before = len(read_audit_log())
+    _read(result)
+    _read(cmu_svs_module)
+    views = [e for e in read_audit_log()[before:] if e["action"] == "view"]
+    summary = json.loads((result / "summary.json").read_text(encoding="utf-8"))
+    assert [e["slide_id"] for e in views][:1] == [summary["slide_id"]]
+    assert views[0]["model_digest"] == summary["provenance"]["model"]["sha256"]
+    assert len(views) == 2 and views[1]["slide_id"].startswith("s-")
+    assert verify_audit_log().ok
