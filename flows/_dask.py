@@ -125,19 +125,30 @@ class DaskChunkExecutor:
             for task in tasks
         ]
         failure: WsiflowError | None = None
-        for future in as_completed(futures):
+        pending = as_completed(futures)
+        for future in pending:
             try:
                 _, tiles, error = future.result()
+            except KilledWorker:
+                # Worker processes died running this chunk (a crash in a native decoder, the
+                # OOM killer): the slide is likely poison, so do not feed it more workers.
+                failure = WorkerError(
+                    "a worker process died while running a chunk of this slide (a crash in the slide "
+                    "library or out of memory); the rest of the slide was not sent to the cluster"
+                )
             except transient as exc:
-                failure = failure or WorkerError(
+                failure = WorkerError(
                     f"a chunk failed {self.retries + 1} times on the cluster ({type(exc).__name__})"
                 )
-                continue
-            if error is not None:
-                failure = failure or error
-            elif advance is not None:
-                advance(tiles)
+            else:
+                if error is None:
+                    if advance is not None:
+                        advance(tiles)
+                    continue
+                failure = error
+            break
         if failure is not None:
+            # Fail fast: chunks already finished keep their markers, so a rerun resumes.
             for future in futures:
                 future.cancel()
             raise failure

@@ -180,8 +180,13 @@ def _sequential(
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        # Disk full mid-write: leave no half-written temp file behind (it would hold space).
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def run_chunk(
@@ -423,7 +428,8 @@ def analyse_slide(
             summary = _summary(sid, model, classifier, params, grid, slide, results, mask.area_mm2, mask.fraction,
                                mask.mpp, engine, device, timings, regions)
             _atomic_write(result_dir / "summary.json", json.dumps(summary, indent=2))
-            shutil.rmtree(work)
+            # The manifest first, then drop .work: should writing the manifest fail (disk
+            # full), the chunk markers are still there and a rerun only redoes the finalising.
             _atomic_write(result_dir / RESULT_MANIFEST, json.dumps({
                 "complete": True,
                 "key": key,
@@ -432,6 +438,7 @@ def analyse_slide(
                 "files": ["heatmap.ome.zarr", "tissue.ome.zarr", "tiles.parquet", "results.geojson",
                           "summary.json", "overview.png"],
             }, indent=2))
+            shutil.rmtree(work, ignore_errors=True)
             return SlideOutcome(
                 sid, "done", result_dir, len(grid), tiles_per_s=timings["tiles_per_s"],
                 chunks_computed=len(pending), chunks_total=len(tasks),

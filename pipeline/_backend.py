@@ -11,7 +11,9 @@ Backends are chosen by argument (:func:`open_backend`), never by a global switch
 from __future__ import annotations
 
 import logging
+import math
 import os
+import struct
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
@@ -35,6 +37,20 @@ SLIDE_SUFFIXES = frozenset({
     ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".tif", ".tiff", ".vms", ".vmu", ".svslide", ".dcm",
 })
 """File name endings of the slide formats wsiflow reads (a DICOM-WSI slide may also be a folder)."""
+
+MAX_SIDE_PX = 1 << 20
+"""Largest level width/height accepted: 1,048,576 px is 26 cm at 0.25 µm/px, more than any glass
+slide. Larger values come from damaged headers and would make readers allocate absurd buffers."""
+MAX_TILE_PIXELS = 1 << 26
+"""Largest stored tile (or strip) accepted: OpenSlide allocates a whole tile with g_malloc, which
+aborts the process (no exception) when a damaged header claims a tile of terabytes."""
+
+# What tifffile/tiffslide/imagecodecs raise on damaged files: a mix of builtins (ZeroDivisionError
+# from zero tile sizes, KeyError from zarr for missing chunks, struct.error for short reads,
+# MemoryError when a damaged header drives an allocation).
+_TIFF_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, RuntimeError, OSError, KeyError, IndexError, TypeError, ArithmeticError, struct.error, MemoryError,
+)
 
 
 @runtime_checkable
@@ -69,6 +85,33 @@ def _scrub(message: str, path: Path) -> str:
     return " ".join(message.split())
 
 
+def _int_or_none(value: object) -> int | None:
+    try:
+        return int(value)  # type: ignore[call-overload, no-any-return]
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_geometry(
+    dimensions: tuple[tuple[int, int], ...],
+    downsamples: tuple[float, ...],
+    tiles: list[tuple[int | None, int | None]],
+) -> None:
+    """Refuse pyramid geometry no real slide has, before anything is read or allocated from it."""
+    if not dimensions or len(downsamples) != len(dimensions):
+        raise CorruptSlideError("the slide has no readable pyramid levels")
+    for level, ((w, h), ds) in enumerate(zip(dimensions, downsamples)):
+        if not (1 <= w <= MAX_SIDE_PX and 1 <= h <= MAX_SIDE_PX):
+            raise CorruptSlideError(f"level {level} claims an implausible size of {w} x {h} px")
+        if not (math.isfinite(ds) and ds >= 0.999):
+            raise CorruptSlideError(f"level {level} claims an implausible downsample of {ds!r}")
+    for level, (tw, th) in enumerate(tiles):
+        if tw is None or th is None:
+            continue
+        if not (1 <= tw <= MAX_SIDE_PX and 1 <= th <= MAX_SIDE_PX and tw * th <= MAX_TILE_PIXELS):
+            raise CorruptSlideError(f"level {level} claims implausible {tw} x {th} px tiles")
+
+
 def _float_or_none(value: object) -> float | None:
     try:
         result = float(value)  # type: ignore[arg-type]
@@ -80,12 +123,18 @@ def _float_or_none(value: object) -> float | None:
 def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
     """RGBA uint8 (non-premultiplied) -> RGB uint8 over a white background."""
     rgb = rgba[..., :3]
-    alpha = rgba[..., 3:4]
+    alpha = rgba[..., 3]
     if bool((alpha == 255).all()):
         return np.ascontiguousarray(rgb)
-    a = alpha.astype(np.uint16)
-    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
-    return out.astype(np.uint8)
+    out = np.ascontiguousarray(rgb)
+    # Only partly transparent pixels need the arithmetic; regions outside the image or
+    # missing tiles (alpha 0) are large and just become white.
+    out[alpha == 0] = 255
+    partial = (alpha != 0) & (alpha != 255)
+    if bool(partial.any()):
+        a = alpha[partial].astype(np.uint16)[:, None]
+        out[partial] = ((rgb[partial].astype(np.uint16) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+    return out
 
 
 class _OpenSlideBackend:
@@ -108,9 +157,18 @@ class _OpenSlideBackend:
         )
         self.objective_power = _float_or_none(props.get("openslide.objective-power"))
         self.vendor = props.get("openslide.vendor")
-        tw = props.get("openslide.level[0].tile-width")
-        th = props.get("openslide.level[0].tile-height")
-        self.native_tile_size = (int(tw), int(th)) if tw and th else None
+        tiles = [
+            (_int_or_none(props.get(f"openslide.level[{i}].tile-width")),
+             _int_or_none(props.get(f"openslide.level[{i}].tile-height")))
+            for i in range(len(self.level_dimensions))
+        ]
+        try:
+            _check_geometry(self.level_dimensions, self.level_downsamples, tiles)
+        except CorruptSlideError:
+            self._slide.close()
+            raise
+        tw, th = tiles[0]
+        self.native_tile_size = (tw, th) if tw and th else None
 
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         try:
@@ -148,6 +206,13 @@ class _TiffSlideBackend:
 
         self._path = path
         self._slide = tiffslide.TiffSlide(str(path))
+        try:
+            self._describe()
+        except BaseException:
+            self._slide.close()
+            raise
+
+    def _describe(self) -> None:
         props = self._slide.properties
         self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)  # type: ignore[misc]
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
@@ -157,9 +222,14 @@ class _TiffSlideBackend:
         )
         self.objective_power = _float_or_none(props.get("tiffslide.objective-power"))
         self.vendor = props.get("tiffslide.vendor")
-        tw = props.get("tiffslide.level[0].tile-width")
-        th = props.get("tiffslide.level[0].tile-height")
-        self.native_tile_size = (int(tw), int(th)) if tw and th else None
+        tiles = [
+            (_int_or_none(props.get(f"tiffslide.level[{i}].tile-width")),
+             _int_or_none(props.get(f"tiffslide.level[{i}].tile-height")))
+            for i in range(len(self.level_dimensions))
+        ]
+        _check_geometry(self.level_dimensions, self.level_downsamples, tiles)
+        tw, th = tiles[0]
+        self.native_tile_size = (tw, th) if tw and th else None
         # Decode one pixel now so a file tiffslide cannot decode fails at open, not later.
         self.read_region(0, 0, len(self.level_dimensions) - 1, 1, 1)
 
@@ -177,7 +247,7 @@ class _TiffSlideBackend:
             part = self._slide.read_region(
                 (int(round(x0 * ds)), int(round(y0 * ds))), level, (x1 - x0, y1 - y0), as_array=True
             )
-        except (ValueError, RuntimeError, OSError, IndexError) as exc:
+        except _TIFF_ERRORS as exc:
             raise CorruptSlideError(
                 f"tile data of level {level} cannot be decoded ({type(exc).__name__}: {_scrub(str(exc), self._path)})"
             ) from exc
@@ -220,8 +290,41 @@ def _dicom_candidates(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: (-p.stat().st_size, p.name))
 
 
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+
+
+def _check_tiff_layout(path: Path) -> None:
+    """Refuse a TIFF whose tiles or strips lie outside the file, before OpenSlide sees it.
+
+    OpenSlide allocates each tile's byte count with g_malloc, which aborts the whole process
+    (no exception to catch) when a damaged header claims exabytes. tifffile reads the same
+    tables lazily and safely. Files tifffile cannot parse are left to OpenSlide to judge.
+    """
+    import tifffile
+
+    with open(path, "rb") as fh:
+        if fh.read(4) not in _TIFF_MAGIC:
+            return
+    size = path.stat().st_size
+    outside = False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            for page in tif.pages:
+                offsets = np.asarray(page.dataoffsets, dtype=np.uint64)  # type: ignore[union-attr]
+                counts = np.asarray(page.databytecounts, dtype=np.uint64)  # type: ignore[union-attr]
+                if len(offsets) == len(counts):
+                    outside = outside or bool(((counts > size) | (offsets + counts > size)).any())
+    except _TIFF_ERRORS:
+        return
+    if outside:
+        raise CorruptSlideError("image data lies past the end of the file (the file is truncated or damaged)")
+
+
 def _open_openslide(path: Path) -> _OpenSlideBackend:
     import openslide
+
+    if path.is_file():
+        _check_tiff_layout(path)
 
     candidates = _dicom_candidates(path) if path.is_dir() else [path]
     last: Exception | None = None
@@ -246,7 +349,7 @@ def _open_tiffslide(path: Path) -> _TiffSlideBackend:
         raise
     except PermissionError as exc:
         raise SlidePermissionError("the slide cannot be read: permission denied") from exc
-    except (ValueError, RuntimeError, OSError, KeyError, IndexError, TypeError) as exc:
+    except _TIFF_ERRORS as exc:
         # tifffile/tiffslide signal "not a TIFF I know" with a mix of builtins.
         raise UnsupportedSlideError(
             f"tiffslide cannot open it ({type(exc).__name__}: {_scrub(str(exc), path)})"

@@ -17,13 +17,16 @@ import numpy as np
 from PIL import Image
 
 from ._backend import BackendName, SlideBackend, open_backend
-from ._errors import CorruptSlideError
+from ._errors import CorruptSlideError, UnsupportedSlideError
 from ._mpp import MppPolicy, MppResolution, resolve_mpp
 
 __all__ = ["SlideInfo", "Slide", "open_slide", "slide_info", "backend_mpp"]
 
 _MPP_REL_TOL = 1e-3  # a level within 0.1 % of the target counts as "at" the target
 _THUMBNAIL_BLOCK_PX = 2048
+MAX_READ_PIXELS = 1 << 27
+"""Most pixels one backend read may return (512 MiB as RGBA): a read larger than this means
+the slide has no pyramid level near the requested resolution, or a damaged header."""
 _LEVEL_CHECK_PX = 64  # side of the patch compared between a pyramid level and level 0
 _LEVEL_CHECK_MAX_L0_PX = 4096
 _LEVEL_CHECK_MAX_DIFF = 24.0  # mean abs RGB difference; JPEG pyramids differ by < 8
@@ -145,6 +148,13 @@ class Slide:
 
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         """Pixels of ``level`` as RGB uint8 (height, width, 3); (x, y) at level 0."""
+        if width * height > MAX_READ_PIXELS:
+            # Refuse instead of letting the reader allocate gigabytes (or abort in g_malloc).
+            raise UnsupportedSlideError(
+                f"a read of {width} x {height} px at level {level} is too large: the slide has no "
+                "pyramid level near the requested resolution",
+                hint="convert the slide to a pyramidal format (e.g. with vips tiffsave --pyramid --tile)",
+            )
         return self.backend.read_region(x, y, level, width, height)
 
     def read_region_at_mpp(
@@ -209,10 +219,15 @@ class Slide:
         out = np.empty((rows, cols, 3), dtype=np.uint8)
         step_x = mpp / self.mpp.mpp_x  # level-0 pixels per output pixel
         step_y = mpp / self.mpp.mpp_y
-        for r0 in range(0, rows, _THUMBNAIL_BLOCK_PX):
-            h = min(_THUMBNAIL_BLOCK_PX, rows - r0)
-            for c0 in range(0, cols, _THUMBNAIL_BLOCK_PX):
-                w = min(_THUMBNAIL_BLOCK_PX, cols - c0)
+        # Without a pyramid level near ``mpp`` each output pixel costs many source pixels:
+        # shrink the blocks so one read stays within MAX_READ_PIXELS (memory stays bounded).
+        level_mpp = min(self.level_mpp(self.best_level_for_mpp(mpp)))
+        source_per_out = max(1.0, mpp / level_mpp)
+        block = int(min(_THUMBNAIL_BLOCK_PX, max(64, math.isqrt(MAX_READ_PIXELS) / source_per_out - 16)))
+        for r0 in range(0, rows, block):
+            h = min(block, rows - r0)
+            for c0 in range(0, cols, block):
+                w = min(block, cols - c0)
                 out[r0 : r0 + h, c0 : c0 + w] = self.read_region_at_mpp(
                     c0 * step_x, r0 * step_y, w, h, mpp
                 )
