@@ -47,9 +47,11 @@ aborts the process (no exception) when a damaged header claims a tile of terabyt
 
 # What tifffile/tiffslide/imagecodecs raise on damaged files: a mix of builtins (ZeroDivisionError
 # from zero tile sizes, KeyError from zarr for missing chunks, struct.error for short reads,
-# MemoryError when a damaged header drives an allocation).
+# MemoryError when a damaged header drives an allocation, AttributeError from tiffslide's
+# metadata parser when a tag holds a value outside its enum, e.g. ResolutionUnit 77).
 _TIFF_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError, RuntimeError, OSError, KeyError, IndexError, TypeError, ArithmeticError, struct.error, MemoryError,
+    ValueError, RuntimeError, OSError, KeyError, IndexError, TypeError, ArithmeticError, struct.error,
+    MemoryError, AttributeError,
 )
 
 
@@ -106,8 +108,8 @@ def _check_geometry(
         if not (math.isfinite(ds) and ds >= 0.999):
             raise CorruptSlideError(f"level {level} claims an implausible downsample of {ds!r}")
     for level, (tw, th) in enumerate(tiles):
-        if tw is None or th is None:
-            continue
+        if not tw or not th:
+            continue  # no tiles (strips, or the format does not say): nothing to check
         if not (1 <= tw <= MAX_SIDE_PX and 1 <= th <= MAX_SIDE_PX and tw * th <= MAX_TILE_PIXELS):
             raise CorruptSlideError(f"level {level} claims implausible {tw} x {th} px tiles")
 
@@ -303,9 +305,18 @@ def _check_tiff_layout(path: Path) -> None:
     import tifffile
 
     with open(path, "rb") as fh:
-        if fh.read(4) not in _TIFF_MAGIC:
-            return
+        header = fh.read(16)
+    if header[:4] not in _TIFF_MAGIC:
+        return
     size = path.stat().st_size
+    order = "<" if header[:2] == b"II" else ">"
+    bigtiff = header[2:4] in (b"+\0", b"\0+")
+    if len(header) < (16 if bigtiff else 8):
+        raise CorruptSlideError("the file ends inside its TIFF header (it is truncated)")
+    first_ifd = struct.unpack(order + ("Q" if bigtiff else "I"), header[8:16] if bigtiff else header[4:8])[0]
+    if first_ifd >= size:
+        # Aperio and others write the directory after the pixels: a cut file loses it.
+        raise CorruptSlideError("the file ends before its first image directory (it is truncated)")
     outside = False
     try:
         with tifffile.TiffFile(path) as tif:
