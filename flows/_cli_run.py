@@ -7,10 +7,8 @@ import glob
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from tqdm import tqdm
 
 from models import DEFAULT_MODEL
 from pipeline import (
@@ -29,6 +27,7 @@ from pipeline import (
 from ._cli_common import EXIT_FAILED, EXIT_OK, audit_run, mpp_arg
 from ._cli_models import registry_for
 from ._config import WsiflowConfig
+from ._isolate import SlideRequest, progress_bar_factory
 
 __all__ = ["add_run_parser", "add_analysis_options", "run_run", "expand_slides", "SLIDE_SUFFIXES", "DEFAULT_READERS"]
 
@@ -58,6 +57,11 @@ def add_analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="recompute even when a complete result exists")
     parser.add_argument("--json", action="store_true", help="one JSON object per slide, as a JSON list")
     parser.add_argument("--show-paths", action="store_true", help="echo each slide's path in the terminal output")
+    parser.add_argument(
+        "--no-isolate", action="store_true",
+        help="analyse slides in this process, not a child process (starts a few seconds faster, but a "
+             "crash in the slide-decoding library then stops the whole run)",
+    )
 
 
 def add_run_parser(commands: argparse._SubParsersAction) -> None:
@@ -100,21 +104,6 @@ def expand_slides(arguments: list[str]) -> list[str]:
     return unique
 
 
-def _progress_factory(label: str, enabled: bool) -> Callable[[int, int], Callable[[int], None]]:
-    def start(total: int, done: int) -> Callable[[int], None]:
-        bar = tqdm(total=total, initial=done, unit="tile", desc=label, disable=None if enabled else True,
-                   dynamic_ncols=True, leave=False, file=sys.stderr)
-
-        def advance(n: int) -> None:
-            bar.update(n)
-            if bar.n >= bar.total:
-                bar.close()
-
-        return advance
-
-    return start
-
-
 def run_run(args: argparse.Namespace, config: WsiflowConfig) -> int:
     if os.environ.get("PREFECT_API_URL") and not args.in_process:
         # A server is configured: run as the batch flow so the run shows in its UI.
@@ -145,6 +134,7 @@ def run_run(args: argparse.Namespace, config: WsiflowConfig) -> int:
     address = args.dask_address or config.dask_address
     executor = None
     client = None
+    isolated = None
     if address:
         from distributed import Client
 
@@ -154,14 +144,27 @@ def run_run(args: argparse.Namespace, config: WsiflowConfig) -> int:
         executor = DaskChunkExecutor(
             client, ModelRef(str(registry.site_root.resolve()), manifest.ref, manifest.weights_sha256)
         )
+    elif not args.no_isolate:
+        from ._dask import ModelRef
+        from ._isolate import IsolatedSlideRunner
+
+        isolated = IsolatedSlideRunner(
+            ModelRef(str(registry.site_root.resolve()), manifest.ref, manifest.weights_sha256), info
+        )
     outcomes: list[tuple[int, str, SlideOutcome]] = []
     for index, slide in enumerate(slides):
         label = f"[{index + 1}/{len(slides)}]" + (f" {slide}" if args.show_paths else "")
-        outcome = analyse_slide(
-            slide, model, info, out_dir=args.out, secret=secret, params=params, engine=engine,
-            mpp_policy=policy, backend=args.backend or config.backend, force=args.force,  # type: ignore[arg-type]
-            progress=_progress_factory(label, not args.json), executor=executor,
-        )
+        if isolated is not None:
+            outcome = isolated.run(SlideRequest(
+                slide, label, not args.json, args.out, secret, params, engine, policy,
+                args.backend or config.backend, args.force,
+            ))
+        else:
+            outcome = analyse_slide(
+                slide, model, info, out_dir=args.out, secret=secret, params=params, engine=engine,
+                mpp_policy=policy, backend=args.backend or config.backend, force=args.force,  # type: ignore[arg-type]
+                progress=progress_bar_factory(label, not args.json), executor=executor,
+            )
         outcomes.append((index, slide, outcome))
         audit_run(outcome, info, params, via="run", mpp=args.mpp, backend=args.backend or config.backend)
         if outcome.error is not None:
@@ -179,6 +182,8 @@ def run_run(args: argparse.Namespace, config: WsiflowConfig) -> int:
                 print(f"    heatmap  {outcome.result_dir / 'heatmap.ome.zarr'}")
     if client is not None:
         client.close()
+    if isolated is not None:
+        isolated.close()
     failed = [(i, o) for i, _, o in outcomes if o.status == "failed"]
     if args.json:
         rows = []
