@@ -227,17 +227,19 @@ def test_a_segfault_on_a_worker_fails_only_that_slide(bundled, cmu_svs, tmp_path
 
         # The client, the scheduler and the (restarted) workers survive. Chunks cancelled while
         # already running may still crash a worker: let them, and the restarts, settle first.
-        client.wait_for_workers(2, timeout=60)
-        for _ in range(300):
+        # On a loaded 2-core machine a nanny restart can take tens of seconds.
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
             if not any(client.processing().values()) and len(client.scheduler_info()["workers"]) == 2:
                 break
-            time.sleep(0.1)
+            time.sleep(0.2)
+        client.wait_for_workers(2, timeout=120)
         fine = analyse(good)
         assert fine.status == "done", fine.error
         _assert_complete(fine.result_dir)
         np.testing.assert_array_equal(_heatmap(fine.result_dir), _heatmap(local.result_dir))
         assert pq.read_table(fine.result_dir / "tiles.parquet").equals(pq.read_table(local.result_dir / "tiles.parquet"))
-        assert len(client.scheduler_info()["workers"]) == 2
+        client.wait_for_workers(2, timeout=120)  # both workers are (back) up: the cluster survived
 
 
 # --- 3. the output disk fills up ---------------------------------------------------------------
