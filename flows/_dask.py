@@ -28,7 +28,7 @@ from pipeline import (
     run_chunk,
 )
 
-__all__ = ["ModelRef", "DaskChunkExecutor", "chunk_on_worker", "worker_cache_sizes"]
+__all__ = ["ModelRef", "DaskChunkExecutor", "chunk_on_worker", "load_model_ref", "worker_cache_sizes"]
 
 _log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ class ModelRef:
     sha256: str
 
 
-def _worker_model(model: ModelRef) -> LoadedModel:
+def load_model_ref(model: ModelRef) -> LoadedModel:
+    """The model ``model`` names, loaded once per process and checked against its sha256."""
     cached = _MODELS.get(model.sha256)
     if cached is None:
         registry = Registry(site_root=Path(model.site_root)) if model.site_root else Registry()
@@ -74,7 +75,7 @@ def chunk_on_worker(task: ChunkTask, job: ChunkJob, model: ModelRef) -> tuple[st
     """Run one chunk where this function runs. Bad input is returned, not raised, so Dask
     does not retry it; anything else (I/O hiccups, lost workers) raises and is retried."""
     try:
-        run_chunk(task, _worker_slide(job), _worker_model(model), job.grid, Path(job.heatmap_path),
+        run_chunk(task, _worker_slide(job), load_model_ref(model), job.grid, Path(job.heatmap_path),
                   Path(job.done_dir), job.engine)
     except WsiflowError as exc:
         _SLIDES.pop((job.slide_path, job.backend, job.mpp_x, job.mpp_y), None)

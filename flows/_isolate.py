@@ -34,7 +34,7 @@ from pipeline import (
     slide_id,
 )
 
-from ._dask import ModelRef, _worker_model
+from ._dask import ModelRef, load_model_ref
 
 __all__ = ["SlideRequest", "IsolatedSlideRunner", "progress_bar_factory"]
 
@@ -77,7 +77,7 @@ class SlideRequest:
 def analyse_request(request: SlideRequest, model_ref: ModelRef, info: ModelInfo) -> SlideOutcome:
     """Analyse one slide with the model ``model_ref`` (loaded once per process)."""
     return analyse_slide(
-        request.slide, _worker_model(model_ref), info, out_dir=request.out_dir, secret=request.secret,
+        request.slide, load_model_ref(model_ref), info, out_dir=request.out_dir, secret=request.secret,
         params=request.params, engine=request.engine, mpp_policy=request.mpp_policy,
         backend=request.backend, force=request.force,  # type: ignore[arg-type]
         progress=progress_bar_factory(request.label, request.show_progress),

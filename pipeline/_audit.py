@@ -156,8 +156,8 @@ def audit_event(
         raise ConfigError(f"unknown audit action {action!r}", hint=f"use one of {sorted(AUDIT_ACTIONS)}")
     directory = directory or site_dir()
     path = audit_log_path(directory)
-    secret = site_secret(directory)
     try:
+        secret = site_secret(directory)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(fd, "a+", encoding="utf-8") as fh:

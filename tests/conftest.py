@@ -114,15 +114,12 @@ def _install_netguard() -> None:
     _NETGUARD_LOG = Path(name)
     os.environ["WSIFLOW_NETGUARD_LOG"] = name
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(NETGUARD_DIR), os.environ.get("PYTHONPATH")]))
-    sys.path.insert(0, str(NETGUARD_DIR))
-    import sitecustomize  # noqa: F401 -- ours, from _netguard; it installs the hook on import
+    # This process started before PYTHONPATH named the guard: load it by path (it installs
+    # itself for the log just named).
+    from importlib.util import module_from_spec, spec_from_file_location
 
-    if "_netguard" not in getattr(sitecustomize, "__file__", ""):
-        from importlib.util import module_from_spec, spec_from_file_location
-
-        spec = spec_from_file_location("_wsiflow_netguard", NETGUARD_DIR / "sitecustomize.py")
-        module = module_from_spec(spec)  # type: ignore[arg-type]
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    spec = spec_from_file_location("_wsiflow_netguard", NETGUARD_DIR / "sitecustomize.py")
+    spec.loader.exec_module(module_from_spec(spec))  # type: ignore[union-attr, arg-type]
 
 
 def netguard_entries(start: int = 0) -> list[str]:
