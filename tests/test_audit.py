@@ -123,3 +123,12 @@ def test_cli_verify_and_show(wsiflow_cli, tmp_path):
     bad = subprocess.run([*wsiflow_cli, "audit", "verify"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 1
     assert "BROKEN" in bad.stdout and "line 2" in bad.stdout
+
+
+def test_an_unwritable_log_is_an_output_error(tmp_path):
+    from pipeline import OutputError
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="writing the audit log failed"):
+        audit_event("run", directory=blocker / "site")
