@@ -1,6 +1,6 @@
-"""Adapters that run the pipeline: the ``wsiflow`` CLI and config loading (Prefect flows later)."""
+"""Adapters that run the pipeline: the ``wsiflow`` CLI (``flows.cli``), config loading,
+the Prefect batch flow and inbox deployment, Dask chunk execution, per-slide isolation."""
 
-from ._cli import main
 from ._config import WsiflowConfig, default_config_text, load_config, parse_config
 
-__all__ = ["WsiflowConfig", "default_config_text", "load_config", "main", "parse_config"]
+__all__ = ["WsiflowConfig", "default_config_text", "load_config", "parse_config"]

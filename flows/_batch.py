@@ -1,10 +1,11 @@
 """The batch flow: Prefect orchestrates slides, Dask runs their chunks.
 
-Nothing that names a slide reaches Prefect: the CLI stores the batch (slide paths and
-settings) in the site directory under a random batch ID, and the flow's only parameter
-is that ID. Task runs are named by pseudonymous slide IDs. The flow ends with a table
-artifact of every slide's status, tiles, tiles/s, error kind and result folder (relative
-to the output folder), and its final state is "Partially failed" when some slides failed.
+Nothing that names a slide reaches Prefect: the caller stores the batch (the run settings
+and each slide's path and identity, hashed once) in the site directory under a random
+batch ID, and the flow's only parameter is that ID. Task runs are named by pseudonymous
+slide IDs. The flow ends with a table artifact of every slide's status, tiles, tiles/s,
+error kind and result folder (relative to the output folder), and its final state is
+"Partially failed" when some slides failed.
 """
 
 from __future__ import annotations
@@ -12,60 +13,33 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from pipeline import (
-    AnalysisParams,
-    WsiflowError,
-    EngineSettings,
-    ModelInfo,
-    MppPolicy,
-    TissueParams,
+    RunSettings,
+    SlideIdentity,
     WorkerError,
-    analyse_slide,
     apply_offline_env,
-    content_digest,
-    open_backend,
     site_dir,
-    site_secret,
-    slide_id,
 )
 
-from ._cli_common import audit_run
+from ._model_ref import resolve_model
+from ._runs import SlideRunner
+from ._slide_job import SlideJob
 
-__all__ = ["BatchSpec", "save_batch", "load_batch", "batch_flow", "run_batch"]
+__all__ = ["save_batch", "load_batch", "batch_flow", "run_batch"]
 
 _log = logging.getLogger(__name__)
 
 apply_offline_env()
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
-
-@dataclass(frozen=True)
-class BatchSpec:
-    """A batch as the lab asked for it. Stored in the site directory, never sent to Prefect."""
-
-    slides: tuple[str, ...]
-    out: str
-    model: str = "tissue-qc"
-    models_dir: str | None = None
-    stride_px: int | None = None
-    min_tissue_fraction: float = 0.25
-    edge: str = "pad"
-    chunk_cells: int = 64
-    overview_class: str | None = None
-    backend: str = "auto"
-    mpp: tuple[float, float] | None = None
-    mpp_overrides: tuple[dict[str, Any], ...] = ()
-    tissue: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 64
-    readers: int = 2
-    device: str = "auto"
-    dask_address: str | None = None
-    force: bool = False
+_SLIDES_IN_FLIGHT = 2
+"""Slides analysed at once (their chunks run on the cluster; this bounds memory here)."""
 
 
 def _batches_dir() -> Path:
@@ -74,21 +48,30 @@ def _batches_dir() -> Path:
     return directory
 
 
-def save_batch(spec: BatchSpec) -> str:
+def save_batch(settings: RunSettings, jobs: list[SlideJob]) -> str:
+    """Store a batch privately in the site directory; its random ID."""
     batch_id = f"b-{secrets.token_hex(6)}"
-    path = _batches_dir() / f"{batch_id}.json"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    data = {
+        "settings": settings.to_json(),
+        "slides": [
+            {"path": os.path.abspath(job.path),
+             "identity": [job.identity.digest, job.identity.slide_id] if job.identity else None}
+            for job in jobs
+        ],
+    }
+    fd = os.open(_batches_dir() / f"{batch_id}.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(asdict(spec), fh)
+        json.dump(data, fh)
     return batch_id
 
 
-def load_batch(batch_id: str) -> BatchSpec:
+def load_batch(batch_id: str) -> tuple[RunSettings, list[SlideJob]]:
     data = json.loads((_batches_dir() / f"{batch_id}.json").read_text(encoding="utf-8"))
-    data["slides"] = tuple(data["slides"])
-    data["mpp"] = tuple(data["mpp"]) if data.get("mpp") else None
-    data["mpp_overrides"] = tuple(data.get("mpp_overrides") or ())
-    return BatchSpec(**data)
+    jobs = [
+        SlideJob(s["path"], SlideIdentity(*s["identity"]) if s["identity"] else None)
+        for s in data["slides"]
+    ]
+    return RunSettings.from_json(data["settings"]), jobs
 
 
 class _TransientSlideFailure(RuntimeError):
@@ -100,81 +83,35 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(state.result(raise_on_failure=False), _TransientSlideFailure)
 
 
-_MODELS: dict[str, Any] = {}
-_CLIENTS: dict[str, Any] = {}
+# The flow process's runners, shared by its task threads (one slide each at a time).
+_RUNNERS: queue.Queue[SlideRunner] = queue.Queue()
 
 
-def _model(spec: BatchSpec) -> Any:
-    from models import Registry
-
-    registry = Registry(site_root=Path(spec.models_dir)) if spec.models_dir else Registry()
-    key = f"{registry.site_root}:{spec.model}"
-    if key not in _MODELS:
-        _MODELS[key] = (registry, registry.load(spec.model))
-    return _MODELS[key]
-
-
-def _executor(spec: BatchSpec, address: str | None) -> Any:
-    if address is None:
-        return None
-    from distributed import Client
-
-    from ._dask import DaskChunkExecutor, ModelRef
-
-    registry, model = _model(spec)
-    client = _CLIENTS.get(address)
-    if client is None:
-        client = _CLIENTS[address] = Client(address, timeout="60s")
-    m = model.manifest
-    return DaskChunkExecutor(client, ModelRef(str(registry.site_root.resolve()), m.ref, m.weights_sha256))
-
-
-def _mpp_policy(spec: BatchSpec) -> MppPolicy:
-    from ._config import parse_config
-
-    overrides = parse_config({"mpp_overrides": list(spec.mpp_overrides)}).mpp_overrides
-    return MppPolicy(cli_mpp=spec.mpp, overrides=overrides)
-
-
-def _analyse_one(batch_id: str, index: int, slide: str, address: str | None) -> dict[str, Any]:
-    spec = load_batch(batch_id)
-    registry, model = _model(spec)
-    m = model.manifest
-    info = ModelInfo(m.name, m.version, m.weights_sha256, tuple(c.color for c in m.classes))
-    params = AnalysisParams(
-        stride_px=spec.stride_px, min_tissue_fraction=spec.min_tissue_fraction, edge=spec.edge,  # type: ignore[arg-type]
-        tissue=TissueParams(**spec.tissue), chunk_cells=spec.chunk_cells, overview_class=spec.overview_class,
-    )
-    outcome = analyse_slide(
-        spec.slides[index], model, info,
-        out_dir=Path(spec.out), secret=site_secret(),
-        params=params,
-        engine=EngineSettings(batch_size=spec.batch_size, readers=spec.readers, device=spec.device),  # type: ignore[arg-type]
-        mpp_policy=_mpp_policy(spec), backend=spec.backend, force=spec.force,  # type: ignore[arg-type]
-        executor=_executor(spec, address),
-    )
-    audit_run(outcome, info, params, via=f"batch:{batch_id}", mpp=spec.mpp, backend=spec.backend)
+def _analyse_one(batch_id: str, index: int, slide: str) -> dict[str, Any]:
+    settings, jobs = load_batch(batch_id)
+    runner = _RUNNERS.get()
+    try:
+        outcome = runner.run(jobs[index], via=f"batch:{batch_id}")
+    finally:
+        _RUNNERS.put(runner)
     if isinstance(outcome.error, WorkerError):
         raise _TransientSlideFailure(outcome.error.message)
     row = outcome.to_json()
     row["slide_id"] = row["slide_id"] or slide
-    row["result"] = str(Path(row["result_dir"]).relative_to(spec.out)) if row["result_dir"] else None
-    row.pop("result_dir")
+    row["result_dir"] = os.path.relpath(row["result_dir"], settings.out_dir) if row["result_dir"] else None
     row["index"] = index
     return row
-
-
-def _pseudonym(path: str, secret: bytes) -> str | None:
-    try:
-        open_backend(path).close()
-        return slide_id(content_digest(path), secret)
-    except WsiflowError:
-        return None
 
 
 def _local_cluster_workers() -> int:
     """One worker process per 4 cores (each runs reader threads and torch threads)."""
     return max(1, (os.cpu_count() or 1) // 4)
+
+
+def _failed_row(index: int, name: str, model: str, message: str) -> dict[str, Any]:
+    return {"index": index, "slide_id": name, "status": "failed", "result_dir": None, "model": model,
+            "tiles": None, "tiles_per_s": None, "chunks_computed": 0, "chunks_total": 0, "mpp": None,
+            "error": {"kind": WorkerError.kind, "message": message, "hint": WorkerError.hint}}
 
 
 def _build_flow() -> Any:
@@ -195,38 +132,38 @@ def _build_flow() -> Any:
 
     @flow(name="wsiflow-batch", flow_run_name="batch-{batch_id}", log_prints=False, validate_parameters=True)
     def batch_flow(batch_id: str) -> Any:
-        spec = load_batch(batch_id)
-        secret = site_secret()
-        names = [_pseudonym(path, secret) or f"input-{i + 1}" for i, path in enumerate(spec.slides)]
+        settings, jobs = load_batch(batch_id)
+        names = [job.identity.slide_id if job.identity else f"input-{i + 1}" for i, job in enumerate(jobs)]
+        model, info, _ = resolve_model(settings.model, settings.models_dir)
         cluster = None
-        address = spec.dask_address
-        if address is None:
+        if settings.dask_address is None:
             from distributed import LocalCluster
 
             cluster = LocalCluster(
                 n_workers=_local_cluster_workers(), threads_per_worker=1, processes=True,
                 host="127.0.0.1", dashboard_address=None,
             )
-            address = cluster.scheduler_address
+            settings = replace(settings, dask_address=cluster.scheduler_address)
+        runners = [SlideRunner(settings, model, info) for _ in range(min(_SLIDES_IN_FLIGHT, len(jobs)))]
+        for runner in runners:
+            _RUNNERS.put(runner)
         try:
-            futures = [analyse_task.submit(batch_id, i, name, address) for i, name in enumerate(names)]
+            futures = [analyse_task.submit(batch_id, i, name) for i, name in enumerate(names)]
             rows = []
             for i, future in enumerate(futures):
                 try:
                     rows.append(future.result())
                 except _TransientSlideFailure as exc:
-                    rows.append({"index": i, "slide_id": names[i], "status": "failed", "tiles": None,
-                                 "tiles_per_s": None, "result": None,
-                                 "error": {"kind": "worker", "message": str(exc), "hint": ""}})
+                    rows.append(_failed_row(i, names[i], info.ref, str(exc)))
         finally:
-            for client in list(_CLIENTS.values()):
-                client.close()
-            _CLIENTS.clear()
+            while not _RUNNERS.empty():
+                _RUNNERS.get().close()
             if cluster is not None:
                 cluster.close()
         table = [
             {"slide": r["slide_id"], "status": r["status"], "tiles": r["tiles"], "tiles/s": r.get("tiles_per_s"),
-             "error": (r["error"] or {}).get("kind"), "result": r["result"]}
+             "mpp": (r.get("mpp") or {}).get("source"), "error": (r["error"] or {}).get("kind"),
+             "result": r["result_dir"]}
             for r in rows
         ]
         failed = sum(r["status"] == "failed" for r in rows)
@@ -247,12 +184,13 @@ def _build_flow() -> Any:
 batch_flow = _build_flow()
 
 
-def run_batch(spec: BatchSpec) -> tuple[str, list[dict[str, Any]], str]:
+def run_batch(settings: RunSettings, jobs: list[SlideJob]) -> tuple[str, list[dict[str, Any]], str]:
     """Store the batch, run the flow (embedded Prefect API unless PREFECT_API_URL is set).
 
-    Returns the batch ID, one row per slide (in input order) and the final state's name.
+    Returns the batch ID, one row per slide (in input order; ``result_dir`` relative to
+    ``settings.out_dir``) and the final state's name.
     """
-    batch_id = save_batch(spec)
+    batch_id = save_batch(settings, jobs)
     state = batch_flow(batch_id, return_state=True)
     rows = state.result(raise_on_failure=False)
     if isinstance(rows, BaseException):

@@ -12,11 +12,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models import LoadedModel, Registry, WeightsIntegrityError
 from pipeline import (
     ChunkJob,
     ChunkTask,
@@ -28,35 +26,15 @@ from pipeline import (
     run_chunk,
 )
 
-__all__ = ["ModelRef", "DaskChunkExecutor", "chunk_on_worker", "load_model_ref", "worker_cache_sizes"]
+from ._model_ref import ModelRef, load_model_ref, loaded_models
+
+__all__ = ["DaskChunkExecutor", "chunk_on_worker", "worker_cache_sizes", "dask_executor", "close_dask_clients"]
 
 _log = logging.getLogger(__name__)
 
-# Per worker process: models by weights digest, slides by (path, backend, mpp).
-_MODELS: dict[str, LoadedModel] = {}
+# Per worker process: slides by (path, backend, mpp).
 _SLIDES: dict[tuple[str, str, float, float], Slide] = {}
 _MAX_OPEN_SLIDES = 8
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """Where a worker finds the model: the site registry root, ``name@version``, its sha256."""
-
-    site_root: str | None
-    ref: str
-    sha256: str
-
-
-def load_model_ref(model: ModelRef) -> LoadedModel:
-    """The model ``model`` names, loaded once per process and checked against its sha256."""
-    cached = _MODELS.get(model.sha256)
-    if cached is None:
-        registry = Registry(site_root=Path(model.site_root)) if model.site_root else Registry()
-        cached = registry.load(model.ref)
-        if cached.manifest.weights_sha256 != model.sha256:
-            raise WeightsIntegrityError(f"{model.ref} on this worker is not the model the run was started with")
-        _MODELS[model.sha256] = cached
-    return cached
 
 
 def _worker_slide(job: ChunkJob) -> Slide:
@@ -66,7 +44,7 @@ def _worker_slide(job: ChunkJob) -> Slide:
         if len(_SLIDES) >= _MAX_OPEN_SLIDES:
             _SLIDES.pop(next(iter(_SLIDES))).close()
         # The mpp was resolved (and recorded) by the client; the worker just uses it.
-        slide = open_slide(job.slide_path, backend=job.backend, mpp_policy=MppPolicy(cli_mpp=(job.mpp_x, job.mpp_y)))  # type: ignore[arg-type]
+        slide = open_slide(job.slide_path, backend=job.backend, mpp_policy=MppPolicy.fixed(job.mpp_x, job.mpp_y))
         _SLIDES[key] = slide
     return slide
 
@@ -85,7 +63,7 @@ def chunk_on_worker(task: ChunkTask, job: ChunkJob, model: ModelRef) -> tuple[st
 
 def worker_cache_sizes() -> dict[str, Any]:
     """For checks on a worker: how many models and slides this process holds, and its pid."""
-    return {"models": len(_MODELS), "slides": len(_SLIDES), "pid": os.getpid()}
+    return {"models": loaded_models(), "slides": len(_SLIDES), "pid": os.getpid()}
 
 
 class DaskChunkExecutor:
@@ -153,3 +131,24 @@ class DaskChunkExecutor:
             for future in futures:
                 future.cancel()
             raise failure
+
+
+# Per process: one client per scheduler address, shared by the slides this process runs.
+_CLIENTS: dict[str, Any] = {}
+
+
+def dask_executor(address: str, model: ModelRef) -> DaskChunkExecutor:
+    """An executor sending chunks to the scheduler at ``address`` (client made once)."""
+    from distributed import Client
+
+    client = _CLIENTS.get(address)
+    if client is None:
+        client = _CLIENTS[address] = Client(address, timeout="60s")
+    return DaskChunkExecutor(client, model)
+
+
+def close_dask_clients() -> None:
+    """Close the clients :func:`dask_executor` made in this process."""
+    for client in list(_CLIENTS.values()):
+        client.close()
+    _CLIENTS.clear()

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline import site_dir
+from pipeline import RunSettings, expand_slide_arguments, site_dir, site_secret
 
-from ._batch import BatchSpec, batch_flow, save_batch
+from ._batch import batch_flow, save_batch
+from ._slide_job import identify_jobs
 
 __all__ = ["save_inbox", "load_inbox", "inbox_tick", "inbox_flow", "read_ledger"]
 
@@ -29,21 +29,17 @@ def _inbox_dir(inbox_id: str) -> Path:
     return directory
 
 
-def save_inbox(inbox: str, spec: BatchSpec) -> str:
-    """Store an inbox (folder + the batch settings to apply) and return its ID."""
+def save_inbox(inbox: str, settings: RunSettings) -> str:
+    """Store an inbox (folder + the run settings to apply) and return its ID."""
     inbox_id = f"i-{secrets.token_hex(5)}"
-    data = {"inbox": os.fspath(Path(inbox).resolve()), "spec": asdict(replace(spec, slides=()))}
+    data = {"inbox": os.fspath(Path(inbox).resolve()), "settings": settings.to_json()}
     (_inbox_dir(inbox_id) / "inbox.json").write_text(json.dumps(data), encoding="utf-8")
     return inbox_id
 
 
-def load_inbox(inbox_id: str) -> tuple[Path, BatchSpec]:
+def load_inbox(inbox_id: str) -> tuple[Path, RunSettings]:
     data = json.loads((_inbox_dir(inbox_id) / "inbox.json").read_text(encoding="utf-8"))
-    spec = data["spec"]
-    spec["slides"] = ()
-    spec["mpp"] = tuple(spec["mpp"]) if spec.get("mpp") else None
-    spec["mpp_overrides"] = tuple(spec.get("mpp_overrides") or ())
-    return Path(data["inbox"]), BatchSpec(**spec)
+    return Path(data["inbox"]), RunSettings.from_json(data["settings"])
 
 
 def read_ledger(inbox_id: str) -> dict[str, dict[str, Any]]:
@@ -69,12 +65,11 @@ def _fingerprint(path: Path) -> list[int]:
 
 def inbox_tick(inbox_id: str) -> dict[str, int]:
     """One look at the inbox: note new slides, process the settled ones. Counts by outcome."""
-    from ._cli_run import expand_slides
-
-    folder, spec = load_inbox(inbox_id)
+    folder, settings = load_inbox(inbox_id)
     ledger = read_ledger(inbox_id)
     ready: list[str] = []
-    for slide in expand_slides([os.fspath(folder)]):
+    for slide_path in expand_slide_arguments([os.fspath(folder)]):
+        slide = os.fspath(slide_path)
         try:
             fingerprint = _fingerprint(Path(slide))
         except FileNotFoundError:
@@ -86,7 +81,7 @@ def inbox_tick(inbox_id: str) -> dict[str, int]:
             ready.append(slide)
     counts = {"ready": len(ready), "processed": 0, "failed": 0}
     if ready:
-        batch_id = save_batch(replace(spec, slides=tuple(ready)))
+        batch_id = save_batch(settings, identify_jobs(ready, site_secret()))
         state = batch_flow(batch_id, return_state=True)
         rows = state.result(raise_on_failure=False)
         for row in rows if isinstance(rows, list) else []:
@@ -95,7 +90,7 @@ def inbox_tick(inbox_id: str) -> dict[str, int]:
             ledger[slide].update({
                 "status": "failed" if failed else "processed",
                 "slide_id": row["slide_id"],
-                "result": row.get("result"),
+                "result": row.get("result_dir"),
                 "error": row["error"],
             })
             counts["failed" if failed else "processed"] += 1

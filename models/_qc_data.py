@@ -51,7 +51,7 @@ def load_source(data_dir: Path, spec: SourceSpec, target_mpp: float) -> Source:
         raise TrainingDataError(f"training source {spec.relative_path} is missing", hint="looked in the data folder given")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if path.suffix.lower() in (".svs", ".tif", ".tiff", ".ndpi"):
-        policy = MppPolicy(cli_mpp=(spec.mpp, spec.mpp)) if spec.mpp else MppPolicy()
+        policy = MppPolicy.fixed(spec.mpp, spec.mpp) if spec.mpp else MppPolicy()
         with open_slide(path, mpp_policy=policy) as slide:
             image = slide.read_thumbnail(target_mpp)
     else:

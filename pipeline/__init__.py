@@ -3,12 +3,27 @@
 Imports nothing from ``models``, ``flows`` or ``viewer``.
 """
 
-from ._classifier import PatchClassifier, Preprocessing, classify_tiles
-from ._analysis import RESULT_MANIFEST, AnalysisParams, ChunkExecutor, ChunkJob, ModelInfo, SlideOutcome, analyse_slide, run_chunk
+from ._classifier import PatchClassifier, Preprocessing
+from ._analysis import Progress, analyse_slide
+from ._chunk_run import ChunkExecutor, ChunkJob, run_chunk
 from ._chunks import ChunkTask, plan_chunks
-from ._engine import EngineSettings, classify_stream, resolve_device
+from ._engine import EngineSettings, classify_stream, classify_tiles, default_readers, resolve_device
+from ._identity import SlideIdentity, identify_slide
+from ._outcome import SlideOutcome, SlideStatus
+from ._result import (
+    LATEST_LINK,
+    RESULT_FILES,
+    RESULT_MANIFEST,
+    ModelInfo,
+    ModelProvenance,
+    ResultFolder,
+    ResultManifest,
+    ResultSummary,
+)
+from ._serde import from_data, to_data
+from ._settings import AnalysisParams, GridSettings, RunSettings, analysis_digest
 from ._backend import BACKEND_NAMES, SLIDE_SUFFIXES, BackendName, SlideBackend, is_dicom_folder, open_backend
-from ._deid import DeidReport, deidentify_slide
+from ._discover import expand_slide_arguments
 from ._errors import (
     ConfigError,
     CorruptSlideError,
@@ -16,6 +31,7 @@ from ._errors import (
     OutputError,
     WorkerError,
     MissingMppError,
+    NotAResultError,
     SlideNotFoundError,
     SlidePermissionError,
     UnsupportedSlideError,
@@ -28,18 +44,9 @@ from ._mpp import (
     MppOverride,
     MppPolicy,
     MppResolution,
+    MppSource,
     check_plausible_mpp,
     resolve_mpp,
-)
-from ._audit import (
-    AUDIT_ACTIONS,
-    AuditRecord,
-    AuditVerification,
-    audit_event,
-    audit_log_path,
-    params_digest,
-    read_audit_log,
-    verify_audit_log,
 )
 from ._privacy import (
     OFFLINE_ENV,
@@ -56,15 +63,25 @@ from ._tables import class_regions
 from ._tissue import TissueMask, TissueParams, detect_tissue, pen_mask
 
 __all__ = [
-    "AUDIT_ACTIONS",
-    "AuditRecord",
-    "AuditVerification",
-    "audit_event",
-    "audit_log_path",
-    "params_digest",
-    "read_audit_log",
-    "verify_audit_log",
     "RESULT_MANIFEST",
+    "RESULT_FILES",
+    "LATEST_LINK",
+    "ModelProvenance",
+    "ResultFolder",
+    "ResultManifest",
+    "ResultSummary",
+    "GridSettings",
+    "RunSettings",
+    "analysis_digest",
+    "SlideIdentity",
+    "identify_slide",
+    "SlideStatus",
+    "Progress",
+    "from_data",
+    "to_data",
+    "default_readers",
+    "NotAResultError",
+    "MppSource",
     "AnalysisParams",
     "ChunkExecutor",
     "ChunkJob",
@@ -87,12 +104,11 @@ __all__ = [
     "BACKEND_NAMES",
     "SLIDE_SUFFIXES",
     "is_dicom_folder",
+    "expand_slide_arguments",
     "BackendName",
     "ConfigError",
     "CorruptSlideError",
-    "DeidReport",
     "DeidentificationError",
-    "deidentify_slide",
     "GridSpec",
     "MissingMppError",
     "MppOverride",

@@ -279,9 +279,72 @@ def _check_readable(path: Path) -> None:
         raise SlidePermissionError("the slide cannot be read: permission denied") from exc
 
 
+_WSI_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.77.1.6"
+"""VL Whole Slide Microscopy Image Storage: the SOP class of every DICOM-WSI instance."""
+_DICOM_PREAMBLE = 128
+_DICOM_MAGIC = b"DICM"
+_SOP_CLASS_TAG = 0x00080016
+_DICOM_HEAD_BYTES = 1 << 16
+"""Bytes read to find the SOP class: the file meta group and the first elements are far smaller."""
+
+
+def _is_wsi_dicom_file(path: Path) -> bool:
+    """Whether a file is a DICOM instance of the WSI SOP class, whatever its suffix.
+
+    Checks the 128-byte preamble + ``DICM`` first, then parses the file meta group and the
+    dataset up to SOP Class UID, from the file's head in memory (so pydicom's warnings about
+    a damaged header never name the file).
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_DICOM_HEAD_BYTES)
+    except OSError:
+        return False
+    if head[_DICOM_PREAMBLE : _DICOM_PREAMBLE + len(_DICOM_MAGIC)] != _DICOM_MAGIC:
+        return False
+    import io
+    import warnings
+
+    from pydicom.errors import InvalidDicomError
+    from pydicom.filereader import read_partial
+
+    def past_sop_class(tag: int, vr: str | None, length: int) -> bool:
+        return tag > _SOP_CLASS_TAG
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a damaged or cut header: pydicom warns, we say False
+            ds = read_partial(io.BytesIO(head), stop_when=past_sop_class, specific_tags=[_SOP_CLASS_TAG])
+    except (InvalidDicomError, OSError, ValueError, EOFError, struct.error):
+        return False  # a damaged header: not a slide instance to go by
+    sop_class = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+    return str(sop_class or "").strip() == _WSI_SOP_CLASS_UID
+
+
 def is_dicom_folder(folder: Path) -> bool:
-    """Whether a folder holds DICOM instances (``*.dcm``): then it is one slide."""
-    return folder.is_dir() and any(p.suffix.lower() == ".dcm" for p in folder.iterdir() if p.is_file())
+    """Whether a folder is one DICOM-WSI slide, judged by content, not by file names.
+
+    True when it holds at least one DICOM file (any suffix, or none) of the WSI SOP class
+    and no other slide file (a suffix of :data:`SLIDE_SUFFIXES` other than ``.dcm``).
+    Only file names are listed, and headers are read until the first WSI instance.
+    """
+    try:
+        if not folder.is_dir():
+            return False
+        with os.scandir(folder) as entries:
+            files = [
+                Path(entry.path) for entry in entries
+                if not entry.name.startswith(".") and entry.is_file()
+            ]
+    except OSError:
+        return False
+    suffixes = [p.suffix.lower() for p in files]
+    if any(s in SLIDE_SUFFIXES and s != ".dcm" for s in suffixes):
+        return False
+    # Most likely DICOM first: *.dcm, then files without a suffix, then the rest.
+    order = {".dcm": 0, "": 1}
+    candidates = sorted(zip(suffixes, files), key=lambda pair: (order.get(pair[0], 2), pair[1].name))
+    return any(_is_wsi_dicom_file(path) for _, path in candidates)
 
 
 def _dicom_candidates(folder: Path) -> list[Path]:

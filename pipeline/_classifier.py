@@ -7,18 +7,15 @@ takes any object satisfying :class:`PatchClassifier`. Tiles are RGB uint8 arrays
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
-
-import numpy as np
 
 from ._errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Preprocessing", "PatchClassifier", "classify_tiles"]
+__all__ = ["Preprocessing", "PatchClassifier"]
 
 
 @dataclass(frozen=True)
@@ -44,24 +41,3 @@ class PatchClassifier(Protocol):
     class_names: tuple[str, ...]
     preprocessing: Preprocessing
     module: torch.nn.Module
-
-
-def classify_tiles(
-    classifier: PatchClassifier,
-    tiles: np.ndarray | Sequence[np.ndarray],
-    *,
-    batch_size: int = 64,
-    device: str = "cpu",
-) -> np.ndarray:
-    """Class probabilities (n, classes) float32 for in-memory RGB uint8 tiles.
-
-    The same engine path as slide analysis (same normalisation, same thread count), so
-    ``models predict``/``validate`` score tiles exactly as ``wsiflow run`` does.
-    """
-    from ._engine import EngineSettings, classify_stream
-
-    array = np.stack(tiles) if not isinstance(tiles, np.ndarray) else tiles
-    if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
-        raise ValueError(f"expected RGB uint8 tiles (n, h, w, 3), got {array.dtype} {array.shape}")
-    settings = EngineSettings(batch_size=batch_size, readers=1, device=device)  # type: ignore[arg-type]
-    return classify_stream(classifier, array.__getitem__, range(len(array)), settings)

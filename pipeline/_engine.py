@@ -20,15 +20,22 @@ import numpy as np
 from ._classifier import PatchClassifier
 from ._errors import ConfigError
 
-__all__ = ["EngineSettings", "resolve_device", "classify_stream"]
+__all__ = ["EngineSettings", "resolve_device", "classify_stream", "classify_tiles", "default_readers"]
 
 Device = Literal["auto", "cpu", "cuda"]
 
 
+def default_readers() -> int:
+    """Tile reader threads by default: one per core, at least 2, at most 8."""
+    return max(2, min(8, os.cpu_count() or 2))
+
+
 @dataclass(frozen=True)
 class EngineSettings:
+    """How tiles are read and batched; never changes a result's values."""
+
     batch_size: int = 64
-    readers: int = 2
+    readers: int = field(default_factory=default_readers)
     """Reader threads decoding tiles ahead of the model."""
     prefetch_batches: int = 2
     device: Device = "auto"
@@ -140,3 +147,22 @@ def classify_stream(
                     future.cancel()
     return out
 
+
+
+def classify_tiles(
+    classifier: PatchClassifier,
+    tiles: np.ndarray | Sequence[np.ndarray],
+    *,
+    batch_size: int = 64,
+    device: Device = "cpu",
+) -> np.ndarray:
+    """Class probabilities (n, classes) float32 for in-memory RGB uint8 tiles.
+
+    The same engine path as slide analysis (same normalisation, same thread count), so
+    ``models predict``/``validate`` score tiles exactly as ``wsiflow run`` does.
+    """
+    array = np.stack(tiles) if not isinstance(tiles, np.ndarray) else tiles
+    if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"expected RGB uint8 tiles (n, h, w, 3), got {array.dtype} {array.shape}")
+    settings = EngineSettings(batch_size=batch_size, readers=1, device=device)
+    return classify_stream(classifier, array.__getitem__, range(len(array)), settings)

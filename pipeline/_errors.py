@@ -19,6 +19,7 @@ __all__ = [
     "OutputError",
     "WorkerError",
     "DeidentificationError",
+    "NotAResultError",
 ]
 
 
@@ -118,4 +119,14 @@ class DeidentificationError(WsiflowError, ValueError):
     hint = (
         "nothing was written; the slide holds something wsiflow cannot remove safely "
         "(see the message); de-identify it with the scanner vendor's tools instead"
+    )
+
+
+class NotAResultError(WsiflowError, FileNotFoundError):
+    """A folder given as a wsiflow result is not a complete one."""
+
+    kind = "not-a-result"
+    hint = (
+        "give a result folder of a finished run: OUT/<slide id>/<model>/ (its latest result) "
+        "or OUT/<slide id>/<model>/v<version>-<digest>/"
     )

@@ -14,7 +14,7 @@ from ._backend import BackendName, open_backend
 from ._errors import WsiflowError
 from ._grid import GridSpec, make_tile_grid
 from ._mpp import MppPolicy, MppResolution
-from ._privacy import content_digest, slide_id
+from ._identity import identify_slide
 from ._slide import Slide, SlideInfo, backend_mpp, slide_info
 from ._tissue import TissueParams, detect_tissue
 
@@ -95,7 +95,7 @@ def inspect_slide(
     try:
         opened = open_backend(path, backend)
         try:
-            sid = slide_id(content_digest(path), secret)
+            sid = identify_slide(path, secret).slide_id
             info = slide_info(opened)
             resolution = backend_mpp(opened, path, mpp_policy)
             slide = Slide(opened, resolution)

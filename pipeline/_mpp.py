@@ -3,8 +3,10 @@
 mpp comes from the slide's metadata. When it is absent or implausible, analysis refuses
 the slide unless the user supplied it: ``--mpp`` on the CLI, or a per-scanner / per-folder
 override in the config. Objective power is never turned into an mpp (the same "20x" means
-0.25 to 0.5 µm/px depending on the scanner). Every override is recorded in
-:class:`MppResolution` so results say where their scale came from.
+0.25 to 0.5 µm/px depending on the scanner). An override applies
+only to slides without a usable µm/px unless it is forced (``--mpp-force``, ``force: true``
+in the config). Every override is recorded in :class:`MppResolution` so results say where
+their scale came from.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ __all__ = [
     "MppOverride",
     "MppPolicy",
     "MppResolution",
+    "MppSource",
     "resolve_mpp",
     "check_plausible_mpp",
 ]
@@ -49,8 +52,9 @@ def check_plausible_mpp(mpp_x: float, mpp_y: float, *, where: str) -> None:
 class MppOverride:
     """A configured µm/px for slides of one scanner vendor and/or under one folder.
 
-    ``label`` names the override in provenance; it never contains the folder path.
-    ``only_if_missing`` applies the override only when the metadata has no usable mpp.
+    ``label`` names the override in provenance; it never contains the folder path. The
+    override applies only to slides whose metadata has no usable µm/px, unless ``force``
+    (then it replaces valid metadata too, and says so in the results).
     """
 
     mpp_x: float
@@ -58,7 +62,7 @@ class MppOverride:
     label: str
     vendor: str | None = None
     folder: Path | None = None
-    only_if_missing: bool = False
+    force: bool = False
 
     def __post_init__(self) -> None:
         check_plausible_mpp(self.mpp_x, self.mpp_y, where=f"mpp override {self.label!r}")
@@ -81,18 +85,32 @@ class MppOverride:
 
 @dataclass(frozen=True)
 class MppPolicy:
-    """What the user supplied: a CLI value (applies to every slide) and config overrides.
+    """What the user supplied: an explicit value (``--mpp``) and config overrides.
 
-    Precedence: CLI value, then the first matching folder override, then the first matching
-    vendor override, then the metadata.
+    An explicit value applies only to slides without usable µm/px metadata, unless
+    ``force`` (``--mpp-force``): a slide with valid metadata is never measured at another
+    scale by accident. Precedence: the explicit value, then the first matching folder
+    override, then the first matching vendor override, then the metadata.
     """
 
     cli_mpp: tuple[float, float] | None = None
     overrides: tuple[MppOverride, ...] = ()
+    force: bool = False
+    """Apply ``cli_mpp`` even to slides whose metadata has a valid µm/px."""
 
     def __post_init__(self) -> None:
         if self.cli_mpp is not None:
             check_plausible_mpp(*self.cli_mpp, where="--mpp")
+        if self.force and self.cli_mpp is None:
+            raise ConfigError("--mpp-force was given without --mpp", hint="add --mpp X (µm/px)")
+
+    @classmethod
+    def fixed(cls, mpp_x: float, mpp_y: float) -> MppPolicy:
+        """A policy that uses exactly this µm/px: for a scale already resolved and recorded."""
+        return cls(cli_mpp=(mpp_x, mpp_y), force=True)
+
+
+MppSource = Literal["metadata", "cli", "config"]
 
 
 @dataclass(frozen=True)
@@ -101,15 +119,32 @@ class MppResolution:
 
     mpp_x: float
     mpp_y: float
-    source: Literal["metadata", "cli", "config"]
+    source: MppSource
     metadata_mpp_x: float | None
     metadata_mpp_y: float | None
     override: str | None = None
     """Which override was applied (e.g. ``--mpp``, ``mpp_overrides[scanner-a]``), or None."""
+    declined: str | None = None
+    """An override that was *not* applied because the metadata is valid (e.g. ``--mpp``)."""
 
     @property
     def is_override(self) -> bool:
         return self.source != "metadata"
+
+    def describe(self) -> str:
+        """One line for the terminal: the µm/px and where it came from."""
+        text = f"{self.mpp_x:g} x {self.mpp_y:g} µm/px"
+        if self.source == "metadata":
+            text += " (slide metadata)"
+            if self.declined:
+                text += f"; {self.declined} not applied: the metadata is valid (force it with --mpp-force)"
+            return text
+        text += f" (OVERRIDE {self.override}"
+        if self.metadata_mpp_x is not None and self.metadata_mpp_y is not None:
+            text += f"; metadata said {self.metadata_mpp_x:g} x {self.metadata_mpp_y:g}"
+        else:
+            text += "; the slide has no µm/px"
+        return text + ")"
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -119,6 +154,7 @@ class MppResolution:
             "metadata_mpp_x": self.metadata_mpp_x,
             "metadata_mpp_y": self.metadata_mpp_y,
             "override": self.override,
+            "declined": self.declined,
         }
 
 
@@ -133,20 +169,25 @@ def resolve_mpp(
     """Decide the µm/px of a slide under ``policy``; raise :class:`MissingMppError` if none."""
     meta_x, meta_y = metadata_mpp
     meta_ok = _plausible(meta_x) and _plausible(meta_y)
+    declined: str | None = None
     if policy.cli_mpp is not None:
-        return MppResolution(*policy.cli_mpp, "cli", meta_x, meta_y, "--mpp")
+        if policy.force and meta_ok:
+            return MppResolution(*policy.cli_mpp, "cli", meta_x, meta_y, "--mpp-force")
+        if not meta_ok:
+            return MppResolution(*policy.cli_mpp, "cli", meta_x, meta_y, "--mpp")
+        declined = "--mpp"
     by_folder = [o for o in policy.overrides if o.folder is not None]
     by_vendor = [o for o in policy.overrides if o.folder is None]
     for override in (*by_folder, *by_vendor):
-        if override.only_if_missing and meta_ok:
+        if not override.matches(slide_path, vendor):
             continue
-        if override.matches(slide_path, vendor):
-            return MppResolution(
-                override.mpp_x, override.mpp_y, "config", meta_x, meta_y,
-                f"mpp_overrides[{override.label}]",
-            )
+        name = f"mpp_overrides[{override.label}]"
+        if meta_ok and not override.force:
+            declined = declined or name
+            continue
+        return MppResolution(override.mpp_x, override.mpp_y, "config", meta_x, meta_y, name)
     if meta_ok:
-        return MppResolution(float(meta_x), float(meta_y), "metadata", meta_x, meta_y)  # type: ignore[arg-type]
+        return MppResolution(float(meta_x), float(meta_y), "metadata", meta_x, meta_y, declined=declined)  # type: ignore[arg-type]
     if meta_x is None or meta_y is None:
         problem = "the slide metadata has no µm/px"
     else:

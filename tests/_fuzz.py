@@ -79,7 +79,7 @@ def exercise_slide(path: Path, backend: str = "auto") -> None:
         slide = open_slide(path, backend=backend)  # type: ignore[arg-type]
     except MissingMppError:
         # Still exercise the pixel paths: give a plausible scale, as --mpp would.
-        slide = open_slide(path, backend=backend, mpp_policy=MppPolicy(cli_mpp=(0.5, 0.5)))  # type: ignore[arg-type]
+        slide = open_slide(path, backend=backend, mpp_policy=MppPolicy.fixed(0.5, 0.5))  # type: ignore[arg-type]
     with slide:
         width, height = slide.dimensions
         extent_um = max(width * slide.mpp.mpp_x, height * slide.mpp.mpp_y)

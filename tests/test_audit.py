@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import audit_event, audit_log_path, read_audit_log, verify_audit_log
 from pipeline._errors import ConfigError
+from privacy import audit_event, audit_log_path, read_audit_log, verify_audit_log
 
 
 def _fill(site: Path, n: int = 5) -> list[str]:

@@ -59,7 +59,7 @@ def test_verify_reports_tampering_with_exit_1(wsiflow_cli, site, tmp_path):
     assert "weights-tampered" in result.stderr and "Traceback" not in result.stderr
     predict = _run(wsiflow_cli, "models", "predict", "tiny", shared_file("images/he-tile-240px.png"), env=env)
     assert predict.returncode == 1 and "weights-tampered" in predict.stderr
-    from pipeline import read_audit_log
+    from privacy import read_audit_log
 
     [event] = [e for e in read_audit_log(tmp_path / "audit-site") if e["action"] == "model-verify"]
     assert event["outcome"] == "failed:weights-tampered" and event["model_digest"]

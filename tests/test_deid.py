@@ -18,10 +18,10 @@ from pipeline import (
     OutputError,
     UnsupportedSlideError,
     content_digest,
-    deidentify_slide,
     site_secret,
     slide_id,
 )
+from privacy import deidentify_slide
 from tests._sentinel_slide import SENTINEL, SENTINEL_DATE, SENTINEL_TIME, tissue_image, write_sentinel_svs
 from tests.conftest import shared_file
 
@@ -298,7 +298,7 @@ def test_dicom_fails_closed_on_stray_files_and_label_in_image(tmp_path):
 
 
 def test_cli_deid_prints_one_line_without_paths_and_audits(wsiflow_cli, sentinel_svs, tmp_path):
-    from pipeline._audit import read_audit_log
+    from privacy import read_audit_log
 
     out = tmp_path / f"{SENTINEL}-out.svs"
     result = _run(wsiflow_cli, "deid", sentinel_svs, out)

@@ -99,7 +99,7 @@ def test_tcga_without_mpp_is_refused_then_opens_with_an_override():
     with pytest.raises(MissingMppError) as info:
         open_slide(path)
     assert "--mpp" in info.value.one_line()
-    with open_slide(path, mpp_policy=MppPolicy(cli_mpp=(0.25, 0.25))) as slide:
+    with open_slide(path, mpp_policy=MppPolicy.fixed(0.25, 0.25)) as slide:
         assert slide.dimensions == (4443, 3567)
         assert slide.mpp.source == "cli" and slide.mpp.override == "--mpp"
         assert slide.mpp.metadata_mpp_x is None

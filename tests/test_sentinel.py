@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import audit_log_path, site_dir, verify_audit_log
+from pipeline import site_dir
+from privacy import audit_log_path, verify_audit_log
 from tests._sentinel_slide import SENTINEL, write_sentinel_svs
 
 # Site files that exist to map pseudonymous IDs back to paths; never part of results.

@@ -119,7 +119,7 @@ def test_sample_data_contribution(result, monkeypatch):
 def test_opening_a_result_or_a_slide_is_recorded_in_the_audit_log(result, cmu_svs_module):
     import json
 
-    from pipeline import read_audit_log, verify_audit_log
+    from privacy import read_audit_log, verify_audit_log
 
     before = len(read_audit_log())
     _read(result)

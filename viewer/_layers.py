@@ -8,13 +8,12 @@ metadata already says.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import MppPolicy, Slide, lookup_slide_location, open_slide
+from pipeline import MppPolicy, ResultFolder, Slide, lookup_slide_location, open_slide
 
 __all__ = ["slide_layer", "result_layers", "LayerData", "open_result_slide"]
 
@@ -79,7 +78,8 @@ def result_layers(result_dir: Path, visible_class: str | None = None) -> list[La
     import dask.array as da
     import zarr
 
-    heatmap = zarr.open_group(str(result_dir / "heatmap.ome.zarr"), mode="r")
+    folder = ResultFolder(result_dir)
+    heatmap = zarr.open_group(str(folder.heatmap), mode="r")
     multiscale = heatmap.attrs["ome"]["multiscales"][0]
     classes = heatmap.attrs["wsiflow"]["classes"]
     scale, translation = _transform(multiscale["datasets"][0])
@@ -105,7 +105,7 @@ def result_layers(result_dir: Path, visible_class: str | None = None) -> list[La
             },
             "image",
         ))
-    tissue = zarr.open_group(str(result_dir / "tissue.ome.zarr"), mode="r")
+    tissue = zarr.open_group(str(folder.tissue), mode="r")
     tissue_ms = tissue.attrs["ome"]["multiscales"][0]
     t_scale, t_translation = _transform(tissue_ms["datasets"][0])
     data, multiscale = _pyramid([da.from_zarr(tissue[d["path"]]) for d in tissue_ms["datasets"]])
@@ -120,12 +120,11 @@ def result_layers(result_dir: Path, visible_class: str | None = None) -> list[La
 
 def open_result_slide(result_dir: Path) -> Slide | None:
     """The slide a result was computed from, via the site's private index (None if unknown)."""
-    manifest = json.loads((result_dir / "result.json").read_text(encoding="utf-8"))
-    location = lookup_slide_location(manifest["slide_id"])
+    folder = ResultFolder(result_dir)
+    location = lookup_slide_location(folder.read_manifest().slide_id)
     if location is None:
         return None
-    summary = json.loads((result_dir / "summary.json").read_text(encoding="utf-8"))
-    mpp = summary["provenance"]["mpp"]
+    summary = folder.read_summary()
     # The same µm/px the analysis used (overrides included), so layers line up.
-    return open_slide(location, backend=summary["provenance"]["backend"],
-                      mpp_policy=MppPolicy(cli_mpp=(mpp["mpp_x"], mpp["mpp_y"])))
+    return open_slide(location, backend=summary.backend,  # type: ignore[arg-type]
+                      mpp_policy=MppPolicy.fixed(summary.mpp.mpp_x, summary.mpp.mpp_y))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline import SLIDE_SUFFIXES, WsiflowError, audit_event, content_digest, is_dicom_folder, open_slide, site_secret, slide_id
+from pipeline import SLIDE_SUFFIXES, ResultFolder, WsiflowError, identify_slide, is_dicom_folder, open_slide, site_secret
+from privacy import audit_event
 
 from ._layers import LayerData, open_result_slide, result_layers, slide_layer
 
@@ -17,7 +17,8 @@ _log = logging.getLogger(__name__)
 
 
 def is_result_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "result.json").is_file() and (path / "heatmap.ome.zarr").is_dir()
+    """A result folder, or a model folder with a ``latest`` result (see ``pipeline.ResultFolder``)."""
+    return ResultFolder.find(path) is not None
 
 
 def _audit_view(sid: str | None, model_digest: str | None, kind: str) -> None:
@@ -30,17 +31,17 @@ def _audit_view(sid: str | None, model_digest: str | None, kind: str) -> None:
 
 def _audit_result_view(path: Path) -> None:
     try:
-        summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
-        sid, digest = summary.get("slide_id"), summary["provenance"]["model"]["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+        summary = ResultFolder(path).read_summary()
+        sid, digest = summary.slide_id, summary.model.sha256
+    except WsiflowError:
         sid, digest = None, None
     _audit_view(sid, digest, "result")
 
 
 def _read_slide(path: Path, slide: object) -> list[LayerData]:
     try:
-        sid = slide_id(content_digest(path), site_secret())
-    except OSError:
+        sid: str | None = identify_slide(path, site_secret()).slide_id
+    except WsiflowError:
         sid = None
     _audit_view(sid, None, "slide")
     return [slide_layer(slide)]  # type: ignore[arg-type]
@@ -75,8 +76,9 @@ def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list
         path = path[0]
     try:
         target = Path(path)
-        if is_result_folder(target):
-            return lambda _: _read_result(target)
+        folder = ResultFolder.find(target)
+        if folder is not None:
+            return lambda _: _read_result(folder.path)
         if _looks_like_slide(target):
             slide = open_slide(target)  # refuse here, not later, what cannot be shown in µm
             return lambda _: _read_slide(target, slide)

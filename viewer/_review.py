@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import audit_event
+from pipeline import ResultFolder
+from privacy import audit_event
 
 __all__ = ["REVIEW_FILE", "DECISIONS", "ReviewedShape", "ResultInfo", "save_review", "load_review", "default_reviewer"]
 
-REVIEW_FILE = "review.geojson"
+REVIEW_FILE = ResultFolder(Path()).review.name
 DECISIONS = ("confirm", "reject", "correct")
 
 
@@ -39,10 +40,11 @@ class ResultInfo:
     def from_result(cls, result_dir: Path) -> ResultInfo:
         import zarr
 
-        summary = json.loads((result_dir / "summary.json").read_text(encoding="utf-8"))
-        classes = zarr.open_group(str(result_dir / "heatmap.ome.zarr"), mode="r").attrs["wsiflow"]["classes"]
-        mpp = summary["provenance"]["mpp"]
-        return cls(result_dir, summary["slide_id"], mpp["mpp_x"], mpp["mpp_y"], summary["provenance"]["model"],
+        folder = ResultFolder(result_dir)
+        summary = folder.read_summary()
+        classes = zarr.open_group(str(folder.heatmap), mode="r").attrs["wsiflow"]["classes"]
+        model = {"name": summary.model.name, "version": summary.model.version, "sha256": summary.model.sha256}
+        return cls(result_dir, summary.slide_id, summary.mpp.mpp_x, summary.mpp.mpp_y, model,
                    tuple(c["name"] for c in classes), tuple(c["color"] for c in classes))
 
 
@@ -94,7 +96,7 @@ def save_review(info: ResultInfo, shapes: list[ReviewedShape], reviewer: str) ->
                            "coordinates": "level-0 pixels (x, y)"},
         "features": features,
     }
-    path = info.result_dir / REVIEW_FILE
+    path = ResultFolder(info.result_dir).review
     tmp = path.with_name(f".{REVIEW_FILE}.tmp")
     tmp.write_text(json.dumps(document, indent=1), encoding="utf-8")
     tmp.replace(path)
@@ -105,7 +107,7 @@ def save_review(info: ResultInfo, shapes: list[ReviewedShape], reviewer: str) ->
 
 def load_review(info: ResultInfo) -> tuple[list[ReviewedShape], str | None]:
     """The saved review's shapes (world µm) and reviewer, or nothing."""
-    path = info.result_dir / REVIEW_FILE
+    path = ResultFolder(info.result_dir).review
     if not path.exists():
         return [], None
     document = json.loads(path.read_text(encoding="utf-8"))

@@ -16,7 +16,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 def _find_demo_result() -> Path | None:
     configured = os.environ.get("WSIFLOW_DEMO_OUT")
     out = Path(configured) if configured else _ROOT / "demo-out"
-    found = sorted(out.glob("*/tissue-qc/result.json")) if out.is_dir() else []
+    found = sorted(out.glob("*/tissue-qc/latest/result.json")) if out.is_dir() else []
     return found[0].parent if found else None
 
 

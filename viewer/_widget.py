@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from pipeline import class_regions
+from pipeline import ResultFolder, class_regions
 
 from ._review import DECISIONS, ResultInfo, ReviewedShape, default_reviewer, load_review, save_review
 
@@ -154,8 +153,7 @@ class ReviewWidget(QWidget):
         self.hotspots.clear()
         if self.info is None:
             return
-        summary = json.loads((self.info.result_dir / "summary.json").read_text(encoding="utf-8"))
-        for spot in summary["hotspots"].get(name, []):
+        for spot in ResultFolder(self.info.result_dir).read_summary().hotspots.get(name, []):
             item = QListWidgetItem(f"{spot['probability']:.2f} at ({spot['x_um']:.0f}, {spot['y_um']:.0f}) µm")
             item.setData(Qt.UserRole, (spot["y_um"], spot["x_um"]))
             self.hotspots.addItem(item)

@@ -1,13 +1,10 @@
-"""Helpers shared by the CLI commands."""
+"""Helpers shared by the CLI commands: exit codes and argument types."""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from pipeline import AnalysisParams, ModelInfo, SlideOutcome, audit_event
-
-__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "mpp_arg", "audit_run"]
+__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "mpp_arg", "positive_int"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -30,10 +27,12 @@ def mpp_arg(text: str) -> tuple[float, float]:
     raise argparse.ArgumentTypeError(f"{text!r}: give X or X,Y in µm/px")
 
 
-def audit_run(outcome: SlideOutcome, info: ModelInfo, params: AnalysisParams, **extra: Any) -> None:
-    """Record one slide's run in the site's audit log (pseudonymous ID and digests only)."""
-    audit_event(
-        "run", slide_id=outcome.slide_id, model_digest=info.sha256,
-        params={"analysis": params.to_json(), **{k: str(v) for k, v in extra.items()}},
-        outcome=outcome.status if outcome.error is None else f"failed:{outcome.error.kind}",
-    )
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (refused by argparse, before anything is loaded)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value

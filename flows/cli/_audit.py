@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline import audit_log_path, read_audit_log, verify_audit_log
+from privacy import audit_log_path, read_audit_log, verify_audit_log
 
-from ._cli_common import EXIT_FAILED, EXIT_OK
-from ._config import WsiflowConfig
+from ._common import EXIT_FAILED, EXIT_OK
+from .._config import WsiflowConfig
 
 __all__ = ["add_audit_parser", "run_audit"]
 

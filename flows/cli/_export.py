@@ -1,4 +1,8 @@
-"""``wsiflow export``: copy a result's shareable files out of the site, recorded in the audit log."""
+"""``wsiflow export``: copy a result's shareable files out of the site, recorded in the audit log.
+
+Exported: the summary, class-region GeoJSON, tile table and review (pseudonymous IDs,
+digests and numbers only, never paths).
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline import RESULT_MANIFEST, OutputError, UnsupportedSlideError, audit_event
+from pipeline import NotAResultError, OutputError, ResultFolder
+from privacy import audit_event
 
-from ._cli_common import EXIT_OK
-from ._config import WsiflowConfig
+from ._common import EXIT_OK
+from .._config import WsiflowConfig
 
-__all__ = ["add_export_parser", "run_export", "export_result", "EXPORTED_FILES"]
-
-EXPORTED_FILES = ("summary.json", "results.geojson", "tiles.parquet", "review.geojson")
-"""Result files that hold pseudonymous IDs, digests and numbers only (never paths)."""
+__all__ = ["add_export_parser", "run_export", "export_result"]
 
 
 def add_export_parser(commands: argparse._SubParsersAction) -> None:
@@ -26,11 +28,11 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
         help="copy a result's tables, GeoJSON and review out for sharing (audited)",
         description=(
             "Copy a complete result's summary, tile table, class-region GeoJSON and reviewed annotations "
-            "to OUT/<slide id>-<model>/ for a collaborator or QuPath. Reviewers' free-text comments and "
+            "to OUT/<slide id>-<model>-v<version>-<digest>/ for a collaborator or QuPath. Reviewers' free-text comments and "
             "names are left out unless asked for: a comment typed during review may name a patient."
         ),
     )
-    export.add_argument("result", type=Path, metavar="RESULT_DIR")
+    export.add_argument("result", type=Path, metavar="RESULT_DIR", help="OUT/<slide id>/<model>/ (its latest) or one result folder")
     export.add_argument("--out", type=Path, required=True, metavar="DIR")
     export.add_argument("--keep-comments", action="store_true", help="keep review comments and reviewer names")
     export.add_argument("--json", action="store_true")
@@ -49,22 +51,20 @@ def _scrub_review(document: dict[str, Any]) -> dict[str, Any]:
 
 def export_result(result_dir: Path, out_dir: Path, *, keep_comments: bool = False) -> Path:
     """Copy the shareable files of ``result_dir`` into a new folder under ``out_dir``; that folder."""
-    if not (result_dir / RESULT_MANIFEST).is_file():
-        raise UnsupportedSlideError(
-            "not a complete wsiflow result folder", hint="give OUT/<slide id>/<model>/ of a finished run"
-        )
-    summary = json.loads((result_dir / "summary.json").read_text(encoding="utf-8"))
-    model = summary["provenance"]["model"]
-    target = out_dir / f"{summary['slide_id']}-{model['name']}-v{model['version']}"
+    folder = ResultFolder.find(result_dir)
+    if folder is None or not folder.is_complete():
+        raise NotAResultError("not a complete wsiflow result folder")
+    summary = folder.read_summary()
+    target = out_dir / f"{summary.slide_id}-{summary.model.name}-v{summary.model.version}-{folder.path.resolve().name}"
     tmp = target.with_name(f".{target.name}.tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for name in EXPORTED_FILES:
-            source = result_dir / name
+        for source in (folder.summary_path, folder.geojson, folder.tiles, folder.review):
+            name = source.name
             if not source.is_file():
                 continue
-            if name == "review.geojson" and not keep_comments:
+            if source == folder.review and not keep_comments:
                 document = _scrub_review(json.loads(source.read_text(encoding="utf-8")))
                 (tmp / name).write_text(json.dumps(document, indent=1), encoding="utf-8")
             else:
@@ -75,7 +75,7 @@ def export_result(result_dir: Path, out_dir: Path, *, keep_comments: bool = Fals
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(f"exporting failed: {exc.strerror or type(exc).__name__}") from None
-    audit_event("export", slide_id=summary["slide_id"], model_digest=model["sha256"],
+    audit_event("export", slide_id=summary.slide_id, model_digest=summary.model.sha256,
                 params={"files": sorted(p.name for p in target.iterdir()), "keep_comments": keep_comments})
     return target
 

@@ -6,12 +6,22 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import replace
+import os
 
-from pipeline import BACKEND_NAMES, MppPolicy, SlideReport, inspect_slide, site_secret
+from models import Registry
+from pipeline import (
+    BACKEND_NAMES,
+    GridSpec,
+    MppPolicy,
+    Preprocessing,
+    SlideReport,
+    expand_slide_arguments,
+    inspect_slide,
+    site_secret,
+)
 
-from ._cli_common import EXIT_FAILED, EXIT_OK, mpp_arg
-from ._config import WsiflowConfig
+from .._config import WsiflowConfig
+from ._common import EXIT_FAILED, EXIT_OK, mpp_arg, positive_int
 
 __all__ = ["add_inspect_parser", "run_inspect"]
 
@@ -27,13 +37,17 @@ def add_inspect_parser(commands: argparse._SubParsersAction) -> None:
             "stored tile size, tissue area and fraction, and how many tiles the grid keeps."
         ),
     )
-    inspect.add_argument("slides", nargs="+", metavar="SLIDE", help="slide file or DICOM-WSI folder")
+    inspect.add_argument("slides", nargs="+", metavar="SLIDE|DIR|GLOB",
+                         help="slide files, DICOM-WSI folders, folders of slides, or quoted globs")
     inspect.add_argument("--json", action="store_true", help="one JSON object per slide, as a JSON list")
-    inspect.add_argument("--mpp", type=mpp_arg, metavar="X[,Y]", help="µm/px to use, overriding the slide metadata (recorded)")
+    inspect.add_argument("--mpp", type=mpp_arg, metavar="X[,Y]", help="µm/px for slides whose metadata has none")
+    inspect.add_argument("--mpp-force", action="store_true", help="apply --mpp also to slides with a valid µm/px")
+    inspect.add_argument("--model", metavar="NAME[@VERSION]",
+                         help="lay the grid as this model would (default: config models.default)")
     inspect.add_argument("--backend", choices=BACKEND_NAMES, help="slide reader (default: config, else auto)")
-    inspect.add_argument("--tile-size", type=int, metavar="PX", help="tile size in pixels at --target-mpp")
-    inspect.add_argument("--target-mpp", type=float, metavar="MPP", help="µm/px the tiles are read at")
-    inspect.add_argument("--stride", type=int, metavar="PX", help="step between tiles in pixels (default: tile size)")
+    inspect.add_argument("--tile-size", type=positive_int, metavar="PX", help="tile size in pixels at --target-mpp (default: the model's)")
+    inspect.add_argument("--target-mpp", type=float, metavar="MPP", help="µm/px the tiles are read at (default: the model's)")
+    inspect.add_argument("--stride", type=positive_int, metavar="PX", help="step between tiles in pixels (default: tile size)")
     inspect.add_argument("--min-tissue-fraction", type=float, metavar="F", help="keep tiles with at least this tissue fraction")
     inspect.add_argument("--edge", choices=("pad", "drop"), help="keep (pad) or drop partial edge tiles")
     inspect.add_argument(
@@ -42,18 +56,20 @@ def add_inspect_parser(commands: argparse._SubParsersAction) -> None:
     )
 
 
-def _grid_from_args(config: WsiflowConfig, args: argparse.Namespace) -> WsiflowConfig:
-    changes = {
-        "tile_size_px": args.tile_size,
-        "target_mpp": args.target_mpp,
-        "stride_px": args.stride,
-        "min_tissue_fraction": args.min_tissue_fraction,
-        "edge": args.edge,
-    }
-    changes = {k: v for k, v in changes.items() if v is not None}
-    grid = replace(config.grid, **changes) if changes else config.grid
-    backend = args.backend or config.backend
-    return replace(config, grid=grid, backend=backend)
+def _grid(config: WsiflowConfig, args: argparse.Namespace) -> GridSpec:
+    """The grid to preview: options < config < the model's tile size and µm/px."""
+    grid = config.grid
+    tile, mpp = args.tile_size or grid.tile_size_px, args.target_mpp or grid.target_mpp
+    if tile is None or mpp is None:
+        registry = Registry(site_root=config.models.registry_dir) if config.models.registry_dir else Registry()
+        prep: Preprocessing = registry.resolve(args.model or config.models.default).manifest.preprocessing
+        tile, mpp = tile or prep.tile_size_px, mpp or prep.target_mpp
+    return GridSpec(
+        tile_size_px=tile, target_mpp=mpp,
+        stride_px=args.stride if args.stride is not None else grid.stride_px,
+        min_tissue_fraction=args.min_tissue_fraction if args.min_tissue_fraction is not None else grid.min_tissue_fraction,
+        edge=args.edge or grid.edge,
+    )
 
 
 def _fmt(value: float | None, unit: str = "", digits: int = 4) -> str:
@@ -73,10 +89,7 @@ def _human(report: SlideReport, label: str) -> str:
         )
     if report.mpp is not None:
         mpp = report.mpp
-        source = "slide metadata" if mpp.source == "metadata" else f"OVERRIDE {mpp.override}"
-        if mpp.is_override:
-            source += f"; metadata said {_fmt(mpp.metadata_mpp_x)} x {_fmt(mpp.metadata_mpp_y)}"
-        lines.append(f"  mpp         {mpp.mpp_x:g} x {mpp.mpp_y:g} µm/px ({source})")
+        lines.append(f"  mpp         {mpp.describe()}")
     if report.tissue_area_mm2 is not None:
         lines.append(
             f"  tissue      {report.tissue_area_mm2:.3f} mm², {100 * (report.tissue_fraction or 0):.1f} % "
@@ -92,21 +105,25 @@ def _human(report: SlideReport, label: str) -> str:
 
 
 def run_inspect(args: argparse.Namespace, config: WsiflowConfig) -> int:
-    config = _grid_from_args(config, args)
-    policy = MppPolicy(cli_mpp=args.mpp, overrides=config.mpp_overrides)
+    grid = _grid(config, args)
+    policy = MppPolicy(cli_mpp=args.mpp, overrides=config.mpp_overrides, force=args.mpp_force)
+    slides = [os.fspath(p) for p in expand_slide_arguments(args.slides)]
+    if not slides:
+        print("wsiflow: error not-found: no slides matched the arguments", file=sys.stderr)
+        return EXIT_FAILED
     secret = site_secret()
     reports: list[dict[str, object]] = []
     failed = 0
-    total = len(args.slides)
-    for index, slide in enumerate(args.slides):
+    total = len(slides)
+    for index, slide in enumerate(slides):
         label = f"[{index + 1}/{total}]" + (f" {slide}" if args.show_paths else "")
         report = inspect_slide(
             slide,
             secret=secret,
-            backend=config.backend,  # type: ignore[arg-type]
+            backend=args.backend or config.backend,
             mpp_policy=policy,
             tissue=config.tissue,
-            grid=config.grid,
+            grid=grid,
         )
         if report.error is not None:
             failed += 1

@@ -8,10 +8,11 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline import WsiflowError, audit_event, content_digest, deidentify_slide, site_secret, slide_id
+from pipeline import WsiflowError, content_digest, site_secret, slide_id
+from privacy import audit_event, deidentify_slide
 
-from ._cli_common import EXIT_FAILED, EXIT_OK
-from ._config import WsiflowConfig
+from ._common import EXIT_FAILED, EXIT_OK
+from .._config import WsiflowConfig
 
 __all__ = ["add_deid_parser", "run_deid"]
 

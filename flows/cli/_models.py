@@ -12,16 +12,17 @@ from models import ModelEntry, Registry
 from models._import import import_model
 from models._loading import load_model_from_dir
 from models._patches import load_patch
-from pipeline import WsiflowError, audit_event, classify_tiles
+from pipeline import WsiflowError, classify_tiles
+from privacy import audit_event
 
-from ._cli_common import EXIT_FAILED, EXIT_OK
-from ._config import WsiflowConfig
+from ._common import EXIT_FAILED, EXIT_OK
+from .._config import WsiflowConfig
 
 __all__ = ["add_models_parser", "run_models", "registry_for"]
 
 
 def registry_for(config: WsiflowConfig) -> Registry:
-    return Registry(site_root=config.models_dir) if config.models_dir else Registry()
+    return Registry(site_root=config.models.registry_dir) if config.models.registry_dir else Registry()
 
 
 def add_models_parser(commands: argparse._SubParsersAction) -> None:
@@ -171,7 +172,7 @@ def _remove(registry: Registry, args: argparse.Namespace) -> int:
 
 def _promote(registry: Registry, args: argparse.Namespace, config: WsiflowConfig) -> int:
     try:
-        entry, previous = registry.promote(args.model, config.acceptance)
+        entry, previous = registry.promote(args.model, config.models.acceptance)
     except WsiflowError as exc:
         audit_event("model-promote", params={"ref": args.model}, outcome=f"failed:{exc.kind}")
         raise

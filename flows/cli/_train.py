@@ -12,9 +12,9 @@ from models._patches import labelled_patch_folder
 from models._validate import validate_arrays
 from pipeline import ConfigError, MppPolicy
 
-from ._cli_common import EXIT_OK, mpp_arg
-from ._cli_models import registry_for
-from ._config import WsiflowConfig
+from ._common import EXIT_OK, mpp_arg
+from ._models import registry_for
+from .._config import WsiflowConfig
 
 __all__ = ["add_train_parser", "add_validate_parser", "run_train", "run_validate"]
 
@@ -31,7 +31,7 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--slides", nargs="+", type=Path, required=True, metavar="SLIDE")
     train.add_argument("--annotations", nargs="+", type=Path, required=True, metavar="GEOJSON", help="one per slide, same order")
-    train.add_argument("--base", default="tissue-qc", metavar="MODEL", help="model to start from (default: tissue-qc)")
+    train.add_argument("--base", metavar="MODEL", help="model to start from (default: the config's models.default)")
     train.add_argument("--name", required=True, help="name of the new model (a new version if it exists)")
     train.add_argument("--classes", help="comma-separated classes for a new head (default: the base model's)")
     train.add_argument("--epochs", type=int, default=5)
@@ -63,7 +63,7 @@ def add_validate_parser(commands: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace, config: WsiflowConfig) -> int:
     registry = registry_for(config)
-    base = registry.load(args.base)
+    base = registry.load(args.base or config.models.default)
     classes = tuple(c.strip() for c in args.classes.split(",")) if args.classes else None
     if classes is not None and (len(classes) < 2 or len(set(classes)) != len(classes) or not all(classes)):
         raise ConfigError(f"--classes {args.classes!r} must name at least two distinct classes")

@@ -6,14 +6,14 @@ import argparse
 import os
 import shutil
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from pipeline import OFFLINE_ENV
 
-from ._cli_common import EXIT_FAILED, EXIT_OK
-from ._cli_run import DEFAULT_READERS
-from ._config import WsiflowConfig
+from .._config import WsiflowConfig
+from .._model_ref import resolve_model
+from ._common import EXIT_FAILED, EXIT_OK
+from ._options import add_settings_options, build_run_settings
 
 __all__ = ["add_serve_parser", "add_server_parser", "run_serve", "run_server"]
 
@@ -30,13 +30,10 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         ),
     )
     serve.add_argument("--inbox", type=Path, required=True, metavar="DIR")
-    serve.add_argument("--out", type=Path, required=True, metavar="DIR")
-    serve.add_argument("--model", default="tissue-qc", metavar="NAME[@VERSION]")
     when = serve.add_mutually_exclusive_group()
     when.add_argument("--interval", type=int, metavar="SECONDS", help="look every N seconds (default 300)")
     when.add_argument("--cron", metavar="'M H D M W'", help="look on a cron schedule")
-    serve.add_argument("--stride", type=int, metavar="PX")
-    serve.add_argument("--dask-address", metavar="tcp://HOST:PORT")
+    add_settings_options(serve)
 
 
 def add_server_parser(commands: argparse._SubParsersAction) -> None:
@@ -50,8 +47,7 @@ def add_server_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace, config: WsiflowConfig) -> int:
-    from ._batch import BatchSpec
-    from ._inbox import inbox_flow, save_inbox
+    from .._inbox import inbox_flow, save_inbox
 
     if not os.environ.get("PREFECT_API_URL"):
         print("wsiflow: error config: serve needs a Prefect server -- start one with `wsiflow server` "
@@ -60,15 +56,11 @@ def run_serve(args: argparse.Namespace, config: WsiflowConfig) -> int:
     if not args.inbox.is_dir():
         print("wsiflow: error not-found: the inbox folder does not exist", file=sys.stderr)
         return EXIT_FAILED
-    args.out.mkdir(parents=True, exist_ok=True)
-    spec = BatchSpec(
-        slides=(), out=os.fspath(args.out.resolve()), model=args.model,
-        models_dir=os.fspath(config.models_dir) if config.models_dir else None,
-        stride_px=args.stride, min_tissue_fraction=config.grid.min_tissue_fraction, edge=config.grid.edge,
-        backend=config.backend, tissue=asdict(config.tissue), readers=DEFAULT_READERS,
-        dask_address=args.dask_address or config.dask_address,
-    )
-    inbox_id = save_inbox(os.fspath(args.inbox), spec)
+    settings = build_run_settings(config, args)
+    _, info, loaded = resolve_model(settings.model, settings.models_dir)
+    settings.analysis.grid.spec(loaded.preprocessing, info.ref)  # refuse bad grid options now, not per slide
+    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    inbox_id = save_inbox(os.fspath(args.inbox), settings)
     schedule = {"cron": args.cron} if args.cron else {"interval": args.interval or 300}
     print(f"serving inbox {inbox_id} as deployment wsiflow-inbox/{inbox_id} ({schedule}); Ctrl-C stops", flush=True)
     inbox_flow.serve(name=inbox_id, parameters={"inbox_id": inbox_id}, **schedule)

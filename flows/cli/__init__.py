@@ -1,5 +1,8 @@
 """The ``wsiflow`` command line: parses arguments and config, dispatches to a command.
 
+One module per command (``_run``, ``_batch``, ...); options shared by run, batch and serve
+and the one settings builder live in ``_options``; what run and batch print, in ``_report``.
+
 Output never contains slide paths unless the operator asks with ``--show-paths`` (for
 their own terminal); errors are one line each, with kind and remedy, and no traceback
 unless ``--debug``.
@@ -16,18 +19,18 @@ from pathlib import Path
 
 from pipeline import ConfigError, WsiflowError, apply_offline_env
 
-from ._cli_audit import add_audit_parser, run_audit
-from ._cli_batch import add_batch_parser, run_batch_command
-from ._cli_common import EXIT_FAILED, EXIT_USAGE
-from ._cli_deid import add_deid_parser, run_deid
-from ._cli_export import add_export_parser, run_export
-from ._cli_inspect import add_inspect_parser, run_inspect
-from ._cli_models import add_models_parser, run_models
-from ._cli_run import add_run_parser, run_run
-from ._cli_serve import add_serve_parser, add_server_parser, run_serve, run_server
-from ._cli_view import add_view_parser, run_view
-from ._cli_train import add_train_parser, add_validate_parser, run_train, run_validate
-from ._config import load_config
+from ._audit import add_audit_parser, run_audit
+from ._batch import add_batch_parser, run_batch_command
+from ._common import EXIT_FAILED, EXIT_USAGE
+from ._deid import add_deid_parser, run_deid
+from ._export import add_export_parser, run_export
+from ._inspect import add_inspect_parser, run_inspect
+from ._models import add_models_parser, run_models
+from ._run import add_run_parser, run_run
+from ._serve import add_serve_parser, add_server_parser, run_serve, run_server
+from ._view import add_view_parser, run_view
+from ._train import add_train_parser, add_validate_parser, run_train, run_validate
+from .._config import load_config
 
 __all__ = ["main", "build_parser"]
 

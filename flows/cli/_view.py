@@ -6,8 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._cli_common import EXIT_FAILED, EXIT_OK
-from ._config import WsiflowConfig
+from ._common import EXIT_FAILED, EXIT_OK
+from pipeline import ResultFolder
+
+from .._config import WsiflowConfig
 
 __all__ = ["add_view_parser", "run_view"]
 
@@ -17,7 +19,7 @@ def add_view_parser(commands: argparse._SubParsersAction) -> None:
         "view",
         help="open a result folder or a slide in napari",
         description=(
-            "Open a wsiflow result folder (OUT/<slide id>/<model>/) or a slide in napari: the slide as a "
+            "Open a wsiflow result folder (OUT/<slide id>/<model>/: its latest result, or one result folder) or a slide in napari: the slide as a "
             "lazy multiscale image, one heatmap per class and the tissue mask, all in µm. A result's "
             "slide is found through this site's private slide index."
         ),
@@ -39,7 +41,7 @@ def run_view(args: argparse.Namespace, config: WsiflowConfig) -> int:
     get_settings().experimental.async_ = True
     viewer = napari.Viewer(title="wsiflow")
     viewer.open(str(args.path), plugin="wsiflow")
-    if (args.path / "result.json").is_file():
+    if ResultFolder.find(args.path) is not None:
         viewer.window.add_plugin_dock_widget("wsiflow", "wsiflow review")
     viewer.scale_bar.visible = True
     napari.run()

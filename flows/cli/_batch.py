@@ -1,0 +1,58 @@
+"""``wsiflow batch``: the same analysis as ``run``, orchestrated by Prefect, chunks on Dask."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pipeline import expand_slide_arguments, site_secret
+
+from .._config import WsiflowConfig
+from .._model_ref import resolve_model
+from .._slide_job import identify_jobs
+from ._common import EXIT_FAILED, EXIT_OK
+from ._options import add_settings_options, add_slides_options, build_run_settings
+from ._report import print_report
+
+__all__ = ["add_batch_parser", "run_batch_command"]
+
+
+def add_batch_parser(commands: argparse._SubParsersAction) -> None:
+    batch = commands.add_parser(
+        "batch",
+        help="run slides as a Prefect flow with chunks on Dask (shows in the Prefect UI)",
+        description=(
+            "Like `run`, as a Prefect flow: one task per slide (named by its pseudonymous ID), "
+            "chunks on a Dask cluster (--dask-address, config dask.address, else a LocalCluster "
+            "on 127.0.0.1), a results table artifact, and a 'Partially failed' state when some "
+            "slides fail. Uses the server in PREFECT_API_URL, else Prefect's embedded API."
+        ),
+    )
+    add_slides_options(batch)
+    add_settings_options(batch)
+
+
+def run_batch_command(args: argparse.Namespace, config: WsiflowConfig) -> int:
+    from .._batch import run_batch
+
+    settings = build_run_settings(config, args)
+    slides = [os.fspath(p) for p in expand_slide_arguments(args.slides)]
+    if not slides:
+        print("wsiflow: error not-found: no slides matched the arguments", file=sys.stderr)
+        return EXIT_FAILED
+    _, info, loaded = resolve_model(settings.model, settings.models_dir)
+    settings.analysis.grid.spec(loaded.preprocessing, info.ref)  # refuse bad grid options before the flow
+    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    batch_id, flow_rows, state = run_batch(settings, identify_jobs(slides, site_secret()))
+    rows = []
+    for flow_row in flow_rows:
+        index = flow_row.pop("index")
+        relative = flow_row["result_dir"]
+        row = {"input_index": index, **flow_row,
+               "result_dir": os.fspath(settings.out_dir / relative) if relative else None}
+        if args.show_paths:
+            row["input"] = slides[index]
+        rows.append(row)
+    print_report("batch", rows, as_json=args.json, batch_id=batch_id, state=state)
+    return EXIT_FAILED if any(r["status"] == "failed" for r in rows) else EXIT_OK

@@ -1,0 +1,163 @@
+"""Slide arguments -> slide paths (``pipeline.expand_slide_arguments``) and DICOM-WSI folders by content."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline import expand_slide_arguments, is_dicom_folder
+from tests.conftest import shared_file
+
+WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+CT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _dicom(path: Path, sop_class: str = WSI_SOP_CLASS) -> Path:
+    """A tiny DICOM Part 10 file (preamble + DICM, header only) of the given SOP class."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "SM" if sop_class == WSI_SOP_CLASS else "CT"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _file(path: Path, data: bytes = b"not opened by discovery") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _expand(*arguments: object) -> list[Path]:
+    return expand_slide_arguments([str(a) for a in arguments])
+
+
+def test_a_slide_file_is_itself_whatever_its_suffix(tmp_path):
+    svs = _file(tmp_path / "a.svs")
+    odd = _file(tmp_path / "scan.unknown-suffix")
+    assert _expand(svs, odd) == [svs, odd]
+
+
+def test_a_missing_path_is_kept_for_the_analysis_to_report(tmp_path):
+    missing = tmp_path / "gone.svs"
+    assert _expand(missing) == [missing]
+    assert _expand(tmp_path / "gone-folder") == [tmp_path / "gone-folder"]
+
+
+def test_a_folder_of_slides_gives_its_slides_sorted_one_level(tmp_path):
+    folder = tmp_path / "slides"
+    b = _file(folder / "b.SVS")
+    a = _file(folder / "a.ndpi")
+    c = _file(folder / "c.tiff")
+    _file(folder / ".hidden.svs")
+    _file(folder / "notes.txt")
+    _file(folder / "nested" / "deep.svs")  # not a DICOM folder: not searched
+    dicom_slide = folder / "d-dicom"
+    _dicom(dicom_slide / "level0")  # no suffix: recognised by content
+    _dicom(folder / ".hidden-dicom" / "x.dcm")
+    assert _expand(folder) == [a, b, c, dicom_slide]
+
+
+def test_a_dicom_folder_is_one_slide_by_content_without_suffixes(tmp_path):
+    folder = tmp_path / "series"
+    _dicom(folder / "1")
+    _dicom(folder / "2")
+    _file(folder / "DICOMDIR.txt")
+    assert is_dicom_folder(folder)
+    assert _expand(folder) == [folder]
+
+
+def test_dicom_files_of_another_sop_class_are_not_a_slide(tmp_path):
+    folder = tmp_path / "ct"
+    _dicom(folder / "1.dcm", CT_SOP_CLASS)
+    _file(folder / "2.dcm", b"\0" * 128 + b"DICM" + b"\xff" * 16)  # damaged header
+    _file(folder / "3.dcm", b"short")
+    assert not is_dicom_folder(folder)
+    assert _expand(folder) == []
+    assert not is_dicom_folder(tmp_path / "missing")
+    assert not is_dicom_folder(_file(tmp_path / "file.dcm"))
+
+
+def test_a_stray_dcm_among_svs_slides_is_not_taken_as_the_slide(tmp_path, caplog):
+    folder = tmp_path / "svs-folder"
+    svs = [_file(folder / f"{name}.svs") for name in ("c", "a", "b")]
+    _dicom(folder / "stray.dcm")  # even a real WSI instance: the folder holds other slides
+    assert not is_dicom_folder(folder)
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        found = _expand(folder)
+    assert found == sorted(svs)
+    assert any("skipped 1 .dcm file" in r.getMessage() for r in caplog.records)
+    assert all(str(tmp_path) not in r.getMessage() for r in caplog.records)
+
+
+def test_a_quoted_glob_is_expanded_sorted_by_the_same_rules(tmp_path):
+    one = _file(tmp_path / "run" / "s1.svs")
+    two = _file(tmp_path / "run" / "s2.svs")
+    _file(tmp_path / "run" / "s2.txt")
+    dicom = tmp_path / "run" / "s3"
+    _dicom(dicom / "a.dcm")
+    sub = tmp_path / "run" / "s4"
+    sub_slide = _file(sub / "x.mrxs")
+    assert _expand(tmp_path / "run" / "s*.svs") == [one, two]
+    assert _expand(tmp_path / "run" / "s?") == [dicom, sub_slide]
+    assert _expand(tmp_path / "run" / "*.nothing") == []
+
+
+def test_a_literal_name_with_glob_characters_is_not_a_pattern(tmp_path):
+    odd = _file(tmp_path / "case[1].svs")
+    _file(tmp_path / "case1.svs")
+    assert _expand(odd) == [odd]
+
+
+def test_duplicates_are_removed_and_first_appearance_order_kept(tmp_path, monkeypatch):
+    folder = tmp_path / "f"
+    a, b, c = (_file(folder / f"{n}.svs") for n in "abc")
+    monkeypatch.chdir(tmp_path)
+    found = expand_slide_arguments(["f/c.svs", str(folder), "f/*.svs", "./f/a.svs", str(b), "f/../f/c.svs"])
+    assert found == [Path("f/c.svs"), a, b]
+    assert [os.path.abspath(p) for p in found] == [str(c), str(a), str(b)]
+
+
+def test_one_string_is_refused():
+    with pytest.raises(TypeError):
+        expand_slide_arguments("a.svs")
+
+
+def test_the_shared_dicom_wsi_folders_are_slides():
+    lossless = shared_file("dicom/cmu-1-small-region-lossless")
+    dicom_root = lossless.parent
+    folders = sorted(p for p in dicom_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert all(is_dicom_folder(p) for p in folders)
+    assert _expand(dicom_root) == folders
+    assert _expand(lossless) == [lossless]
+    assert _expand(dicom_root / "cmu-*") == [p for p in folders if p.name.startswith("cmu-")]
+
+
+def test_the_shared_bad_folder_is_a_folder_of_slides_not_one_dicom_slide():
+    bad = shared_file("bad/not-a-tiff.svs").parent
+    assert not is_dicom_folder(bad)
+    assert _expand(bad) == sorted(p for p in bad.iterdir() if p.suffix in {".svs", ".tiff"})
+
+
+def test_the_shared_svs_with_a_copied_dicom_instance(tmp_path):
+    svs = shared_file("slides/CMU-1-Small-Region.svs")
+    instance = next(iter(sorted(shared_file("dicom/cmu-1-small-region-lossless").iterdir())))
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(svs, folder / svs.name)
+    shutil.copy(instance, folder / "stray.dcm")
+    assert not is_dicom_folder(folder)
+    assert _expand(folder) == [folder / svs.name]
