@@ -17,6 +17,7 @@ import yaml
 
 from models import DEFAULT_MODEL, AcceptanceThresholds
 from pipeline import (
+    AnalysisParams,
     BackendName,
     ConfigError,
     EngineSettings,
@@ -58,6 +59,10 @@ class AnalysisConfig:
     region_threshold: float = 0.5
     hotspots: int = 10
     overview_class: str | None = None
+
+    def __post_init__(self) -> None:
+        AnalysisParams(chunk_cells=self.chunk_cells, region_threshold=self.region_threshold,
+                       hotspots=self.hotspots)  # the same range checks, at parse time
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,10 @@ def audit_outcome(outcome: SlideOutcome, info: ModelInfo, settings: RunSettings,
         "run", slide_id=outcome.slide_id, model_digest=info.sha256, params=params,
         outcome=outcome.status if outcome.error is None else f"failed:{outcome.error.kind}",
     )
+    if outcome.mpp is not None and outcome.mpp.is_override:
+        # A scale not taken from the slide is a decision someone must be able to find later.
+        audit_event("mpp-override", slide_id=outcome.slide_id, model_digest=info.sha256,
+                    params=outcome.mpp.to_json(), outcome=str(outcome.mpp.override))
 
 
 class SlideRunner:

@@ -297,10 +297,11 @@ def _is_wsi_dicom_file(path: Path) -> bool:
     """
     try:
         with open(path, "rb") as fh:
-            head = fh.read(_DICOM_HEAD_BYTES)
+            head = fh.read(_DICOM_PREAMBLE + len(_DICOM_MAGIC))
+            if head[_DICOM_PREAMBLE:] != _DICOM_MAGIC:
+                return False  # most files of a folder end here, after 132 bytes
+            head += fh.read(_DICOM_HEAD_BYTES - len(head))
     except OSError:
-        return False
-    if head[_DICOM_PREAMBLE : _DICOM_PREAMBLE + len(_DICOM_MAGIC)] != _DICOM_MAGIC:
         return False
     import io
     import warnings

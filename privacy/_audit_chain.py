@@ -36,7 +36,7 @@ GENESIS = "0" * 64
 """The ``prev`` of the first line."""
 
 AUDIT_ACTIONS = frozenset({
-    "run", "view", "review-save", "export", "deid",
+    "run", "mpp-override", "view", "review-save", "export", "deid",
     "model-import", "model-verify", "model-promote", "model-remove", "model-train",
 })
 """Actions the log knows; anything else is a programming error."""

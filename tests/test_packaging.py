@@ -46,7 +46,7 @@ _CHECK_INSTALLED = textwrap.dedent(
 def _pip(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pip", *args, "--disable-pip-version-check", "--no-index"],
-        capture_output=True, text=True, timeout=600, cwd=cwd,
+        check=False, capture_output=True, text=True, timeout=600, cwd=cwd,
     )
 
 
@@ -102,7 +102,7 @@ def test_the_installed_wheel_runs_outside_the_checkout(wheel, tmp_path, cmu_svs)
     env.pop("WSIFLOW_CONFIG", None)
     checked = subprocess.run(
         [sys.executable, "-c", _CHECK_INSTALLED, str(site)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+        check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
     )
     assert checked.returncode == 0 and "installed-ok" in checked.stdout, checked.stdout + checked.stderr
 
@@ -110,12 +110,12 @@ def test_the_installed_wheel_runs_outside_the_checkout(wheel, tmp_path, cmu_svs)
     run = subprocess.run(
         [sys.executable, "-c", "import sys; from flows.cli import main; sys.exit(main())",
          "run", str(cmu_svs), "--out", str(out), "--stride", "112", "--json"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
+        check=False, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    print(run.stdout); print(run.stderr[-2000:])
-    (entry,) = json.loads(run.stdout)
+    report = json.loads(run.stdout)
+    (entry,) = report["slides"] if isinstance(report, dict) else report  # the run's JSON: one slide
     assert entry["status"] == "done" and entry["error"] is None, entry
-    result_dir = tmp_path / entry["result_dir"]  # absolute stays absolute
+    result_dir = (tmp_path / entry["result_dir"]).resolve()  # an absolute result_dir stays as it is
+    assert out.resolve() in result_dir.parents, result_dir
     assert (result_dir / "result.json").is_file()
-    assert result_dir.parent.parent == out

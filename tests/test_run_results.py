@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -13,10 +14,21 @@ import pytest
 import zarr
 
 from models import Registry
-from pipeline import AnalysisParams, EngineSettings, ModelInfo, analyse_slide
+from pipeline import (
+    AnalysisParams,
+    EngineSettings,
+    GridSettings,
+    ModelInfo,
+    ResultFolder,
+    RunSettings,
+    analyse_slide,
+    expand_slide_arguments,
+)
 from tests.conftest import shared_file
 
-RUN_KEYS = {"slide_id", "status", "result_dir", "tiles", "error"}
+RUN_KEYS = {"input_index", "slide_id", "status", "result_dir", "model", "tiles", "tiles_per_s",
+            "chunks_computed", "chunks_total", "mpp", "error"}
+REPORT_KEYS = {"command", "batch_id", "state", "counts", "slides"}
 
 
 def _run(cli, *args, env=None):
@@ -30,12 +42,24 @@ def bundled():
     return model, ModelInfo(m.name, m.version, m.weights_sha256, tuple(c.color for c in m.classes))
 
 
-def _analyse(slide, model, info, out, **kwargs):
-    return analyse_slide(
-        slide, model, info, out_dir=out, secret=b"s" * 32,
-        params=AnalysisParams(stride_px=112, chunk_cells=4), engine=EngineSettings(batch_size=16, device="cpu"),
-        **kwargs,
+def _settings(out):
+    return RunSettings(
+        out_dir=out, model="tissue-qc",
+        analysis=AnalysisParams(grid=GridSettings(stride_px=112), chunk_cells=4),
+        engine=EngineSettings(batch_size=16, device="cpu"),
     )
+
+
+def _analyse(slide, model, info, out, **kwargs):
+    return analyse_slide(slide, model, info, _settings(out), secret=b"s" * 32, **kwargs)
+
+
+def _report(completed):
+    """The one JSON document of `run --json` / `batch --json`."""
+    document = json.loads(completed.stdout)
+    assert REPORT_KEYS <= document.keys(), document.keys()
+    assert all(RUN_KEYS <= row.keys() for row in document["slides"])
+    return document
 
 
 def test_outputs_are_complete_valid_and_free_of_the_file_name(bundled, cmu_svs, tmp_path):
@@ -43,7 +67,15 @@ def test_outputs_are_complete_valid_and_free_of_the_file_name(bundled, cmu_svs, 
     outcome = _analyse(cmu_svs, model, info, tmp_path)
     assert outcome.status == "done", outcome.error
     result = outcome.result_dir
-    assert result.parent.name == outcome.slide_id and result.name == "tissue-qc"
+    assert outcome.model == "tissue-qc@1"
+    assert outcome.mpp is not None and outcome.mpp.source == "metadata"
+    # OUT/<slide id>/<model>/v<version>-<params digest>/, with OUT/<slide id>/<model>/latest -> it.
+    assert result.parent.parent == tmp_path / outcome.slide_id and result.parent.name == "tissue-qc"
+    assert re.fullmatch(r"v1-[0-9a-f]{12}", result.name), result.name
+    latest = ResultFolder.latest(tmp_path, outcome.slide_id, "tissue-qc")
+    assert latest.path.is_symlink() and latest.path.resolve() == result.resolve()
+    assert ResultFolder.find(tmp_path / outcome.slide_id).path.resolve() == result.resolve()
+    assert ResultFolder(result).is_complete()
     for name in ("heatmap.ome.zarr", "tissue.ome.zarr", "tiles.parquet", "results.geojson", "summary.json", "overview.png", "result.json"):
         assert (result / name).exists(), name
     assert not (result / ".work").exists()
@@ -67,7 +99,13 @@ def test_outputs_are_complete_valid_and_free_of_the_file_name(bundled, cmu_svs, 
     assert summary["tiles"] == outcome.tiles
     assert summary["provenance"]["model"] == {"name": "tissue-qc", "version": 1, "sha256": info.sha256}
     assert summary["provenance"]["mpp"]["source"] == "metadata"
-    assert summary["provenance"]["parameters"]["stride_px"] == 112
+    assert summary["provenance"]["parameters"]["grid"]["stride_px"] == 112
+    assert summary["provenance"]["parameters"]["grid_spec"]["stride_px"] == 112
+    assert summary["provenance"]["parameters"]["chunk_cells"] == 4
+    typed = ResultFolder(result).read_summary()
+    assert typed.slide_id == outcome.slide_id and typed.tiles == outcome.tiles
+    assert (typed.model.name, typed.model.version, typed.model.sha256) == ("tissue-qc", 1, info.sha256)
+    assert typed.mpp == outcome.mpp
     assert summary["classes"]["tissue"]["fraction"] > 0.5
     assert len(summary["hotspots"]["pen"]) == 10
     assert summary["timings"]["tiles_per_s"] > 0
@@ -120,7 +158,11 @@ def test_interrupted_run_resumes_bit_identically_and_redoes_only_unfinished_chun
     out = tmp_path / "interrupted"
     with pytest.raises(_Killed):
         _analyse(cmu_svs, model, info, out, executor=dies_after_two)
-    result_dir = out / reference.slide_id / "tissue-qc"
+    # Killed before the end: no `latest` yet; the one unfinished result folder holds the markers.
+    model_dir = out / reference.slide_id / "tissue-qc"
+    assert not (model_dir / "latest").exists()
+    (result_dir,) = model_dir.glob("v*")
+    assert result_dir.name == reference.result_dir.name  # same parameters: same folder name
     assert not (result_dir / "result.json").exists()
     assert len(list((result_dir / ".work" / "chunks").glob("*.done"))) == 2
 
@@ -128,12 +170,13 @@ def test_interrupted_run_resumes_bit_identically_and_redoes_only_unfinished_chun
     assert resumed.status == "done"
     assert resumed.chunks_total == reference.chunks_total > 2
     assert resumed.chunks_computed == resumed.chunks_total - 2
+    assert resumed.result_dir == result_dir
     heatmap = np.asarray(zarr.open_array(str(result_dir / "heatmap.ome.zarr" / "0"), mode="r")[...])
     np.testing.assert_array_equal(heatmap, ref_heatmap)
     assert pq.read_table(result_dir / "tiles.parquet").equals(pq.read_table(reference.result_dir / "tiles.parquet"))
 
     again = _analyse(cmu_svs, model, info, out)
-    assert again.status == "reused" and again.tiles == reference.tiles
+    assert again.status == "reused" and again.tiles == reference.tiles and again.result_dir == result_dir
 
 
 def test_cli_run_batch_with_a_bad_slide_reuse_and_force(wsiflow_cli, cmu_svs, tmp_path):
@@ -142,18 +185,32 @@ def test_cli_run_batch_with_a_bad_slide_reuse_and_force(wsiflow_cli, cmu_svs, tm
     args = ("run", cmu_svs, bad, "/nonexistent.svs", "--out", out, "--stride", "112", "--json")
     first = _run(wsiflow_cli, *args)
     assert first.returncode == 1, first.stderr
-    rows = json.loads(first.stdout)
-    assert all(RUN_KEYS <= row.keys() for row in rows)
+    report = _report(first)
+    assert report["command"] == "run" and report["batch_id"] is None
+    assert report["state"] == "Partially failed"
+    assert report["counts"] == {"done": 1, "reused": 0, "failed": 2}
+    rows = report["slides"]
+    assert [r["input_index"] for r in rows] == [0, 1, 2]
     assert [r["status"] for r in rows] == ["done", "failed", "failed"]
     assert [r["error"]["kind"] for r in rows[1:]] == ["corrupt", "not-found"]
-    assert Path(rows[0]["result_dir"]).is_dir() and rows[0]["tiles"] > 0
+    assert Path(rows[0]["result_dir"]).is_absolute() and Path(rows[0]["result_dir"]).is_dir()
+    assert rows[0]["tiles"] > 0 and rows[0]["model"] == "tissue-qc@1"
+    assert rows[0]["mpp"]["source"] == "metadata" and rows[0]["mpp"]["override"] is None
     assert "Traceback" not in first.stderr and bad.name not in first.stdout + first.stderr
     second = _run(wsiflow_cli, "run", cmu_svs, "--out", out, "--stride", "112")
     assert second.returncode == 0 and "reused" in second.stdout
     forced = _run(wsiflow_cli, "run", cmu_svs, "--out", out, "--stride", "112", "--force", "--json")
-    assert json.loads(forced.stdout)[0]["status"] == "done"
+    forced_row = _report(forced)["slides"][0]
+    assert forced_row["status"] == "done" and forced_row["result_dir"] == rows[0]["result_dir"]
     other = _run(wsiflow_cli, "run", cmu_svs, "--out", out, "--stride", "224", "--json")
-    assert json.loads(other.stdout)[0]["status"] == "done"  # other parameters: recomputed
+    other_row = _report(other)["slides"][0]
+    assert other_row["status"] == "done"  # other parameters: recomputed...
+    # ...beside the first result, which is kept; `latest` points at the newest.
+    assert other_row["result_dir"] != rows[0]["result_dir"]
+    assert ResultFolder(Path(rows[0]["result_dir"])).is_complete()
+    assert ResultFolder(Path(other_row["result_dir"])).is_complete()
+    latest = ResultFolder.latest(out, other_row["slide_id"], "tissue-qc")
+    assert latest.path.resolve() == Path(other_row["result_dir"]).resolve()
 
 
 def test_folder_and_glob_arguments(wsiflow_cli, tmp_path, cmu_svs):
@@ -161,12 +218,11 @@ def test_folder_and_glob_arguments(wsiflow_cli, tmp_path, cmu_svs):
     folder.mkdir()
     os.symlink(cmu_svs, folder / "a.svs")
     (folder / "notes.txt").write_text("not a slide")
-    from flows._cli_run import expand_slides
 
-    assert expand_slides([str(folder)]) == [str(folder / "a.svs")]
-    assert expand_slides([str(folder / "*.svs"), str(folder / "a.svs")]) == [str(folder / "a.svs")]
+    assert expand_slide_arguments([str(folder)]) == [folder / "a.svs"]
+    assert expand_slide_arguments([str(folder / "*.svs"), str(folder / "a.svs")]) == [folder / "a.svs"]
     dicom = shared_file("dicom/cmu-1-small-region-lossless")
-    assert expand_slides([str(dicom)]) == [str(dicom)]
+    assert expand_slide_arguments([str(dicom)]) == [dicom]
 
 
 def test_concurrent_submissions_compute_once(bundled, cmu_svs, tmp_path):
