@@ -9,7 +9,11 @@ from ._errors import (
     UnsafeWeightsError,
     WeightsIntegrityError,
 )
+from ._finetune import annotated_dataset, finetune
+from ._import import import_model
 from ._loading import LoadedModel, build_module, load_model_from_dir
+from ._patches import labelled_patch_folder, load_patch
+from ._validate import validate_arrays
 from ._manifest import ClassInfo, Lineage, ModelManifest, Validation, parse_manifest, read_manifest, write_manifest
 from ._metrics import classification_metrics, confusion_matrix, expected_calibration_error
 from ._registry import (
@@ -43,7 +47,13 @@ __all__ = [
     "UnsafeWeightsError",
     "Validation",
     "WeightsIntegrityError",
+    "annotated_dataset",
     "build_module",
+    "finetune",
+    "import_model",
+    "labelled_patch_folder",
+    "load_patch",
+    "validate_arrays",
     "classification_metrics",
     "confusion_matrix",
     "expected_calibration_error",

@@ -10,7 +10,7 @@ import pytest
 import zarr
 
 from models import Registry
-from pipeline import AnalysisParams, EngineSettings, ModelInfo, analyse_slide
+from pipeline import AnalysisParams, EngineSettings, GridSettings, ModelInfo, RunSettings, analyse_slide
 from tests.conftest import shared_file
 
 distributed = pytest.importorskip("distributed")
@@ -35,21 +35,26 @@ def bundled():
     return registry, model, ModelInfo(m.name, m.version, m.weights_sha256, tuple(c.color for c in m.classes))
 
 
+def _settings(out, analysis=AnalysisParams(), engine=EngineSettings()):
+    return RunSettings(out_dir=out, model="tissue-qc", analysis=analysis, engine=engine)
+
+
 def _heatmap(outcome):
     return np.asarray(zarr.open_array(str(outcome.result_dir / "heatmap.ome.zarr" / "0"), mode="r")[...])
 
 
 def test_dask_result_is_bit_identical_and_models_stay_on_workers(cluster, bundled, cmu_svs, tmp_path):
-    from flows._dask import DaskChunkExecutor, ModelRef, worker_cache_sizes
+    from flows._dask import DaskChunkExecutor, worker_cache_sizes
+    from flows._model_ref import ModelRef
 
     _, client = cluster
     registry, model, info = bundled
-    params = AnalysisParams(stride_px=112, chunk_cells=3)
+    params = AnalysisParams(grid=GridSettings(stride_px=112), chunk_cells=3)
     engine = EngineSettings(batch_size=16, device="cpu")
-    local = analyse_slide(cmu_svs, model, info, out_dir=tmp_path / "local", secret=b"d" * 32, params=params, engine=engine)
+    local = analyse_slide(cmu_svs, model, info, _settings(tmp_path / "local", params, engine), secret=b"d" * 32)
     executor = DaskChunkExecutor(client, ModelRef(str(registry.site_root), "tissue-qc@1", info.sha256))
     remote = analyse_slide(
-        cmu_svs, model, info, out_dir=tmp_path / "dask", secret=b"d" * 32, params=params, engine=engine, executor=executor
+        cmu_svs, model, info, _settings(tmp_path / "dask", params, engine), secret=b"d" * 32, executor=executor
     )
     assert remote.status == "done", remote.error
     assert remote.chunks_total > 2 and remote.chunks_computed == remote.chunks_total
@@ -62,14 +67,16 @@ def test_dask_result_is_bit_identical_and_models_stay_on_workers(cluster, bundle
 
 
 def test_corrupt_slide_fails_cleanly_on_the_cluster(cluster, bundled, tmp_path):
-    from flows._dask import DaskChunkExecutor, ModelRef
+    from flows._dask import DaskChunkExecutor
+    from flows._model_ref import ModelRef
 
     _, client = cluster
     registry, model, info = bundled
     executor = DaskChunkExecutor(client, ModelRef(str(registry.site_root), "tissue-qc@1", info.sha256))
     outcome = analyse_slide(
-        shared_file("bad/unreadable-corrupt-tile.svs"), model, info, out_dir=tmp_path, secret=b"d" * 32,
-        params=AnalysisParams(min_tissue_fraction=0.0), executor=executor,
+        shared_file("bad/unreadable-corrupt-tile.svs"), model, info,
+        _settings(tmp_path, AnalysisParams(grid=GridSettings(min_tissue_fraction=0.0))), secret=b"d" * 32,
+        executor=executor,
     )
     assert outcome.status == "failed" and outcome.error.kind == "corrupt"
 
@@ -82,7 +89,9 @@ def test_cli_run_with_dask_address(cluster, wsiflow_cli, cmu_svs, tmp_path):
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr
-    (row,) = json.loads(result.stdout)
+    report = json.loads(result.stdout)
+    assert report["command"] == "run" and report["state"] == "Completed"
+    (row,) = report["slides"]
     assert row["status"] == "done" and row["tiles"] > 0
 
 
@@ -94,12 +103,13 @@ def test_a_worker_killed_mid_slide_still_gives_the_complete_identical_result(bun
 
     from distributed import Client, LocalCluster
 
-    from flows._dask import DaskChunkExecutor, ModelRef
+    from flows._dask import DaskChunkExecutor
+    from flows._model_ref import ModelRef
 
     registry, model, info = bundled
-    params = AnalysisParams(stride_px=56, chunk_cells=2)  # many small chunks
+    params = AnalysisParams(grid=GridSettings(stride_px=56), chunk_cells=2)  # many small chunks
     engine = EngineSettings(batch_size=8, device="cpu")
-    local = analyse_slide(cmu_svs, model, info, out_dir=tmp_path / "local", secret=b"k" * 32, params=params, engine=engine)
+    local = analyse_slide(cmu_svs, model, info, _settings(tmp_path / "local", params, engine), secret=b"k" * 32)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster, \
             Client(cluster) as client:
         executor = DaskChunkExecutor(client, ModelRef(str(registry.site_root), "tissue-qc@1", info.sha256), retries=3)
@@ -120,7 +130,7 @@ def test_a_worker_killed_mid_slide_still_gives_the_complete_identical_result(bun
         thread = threading.Thread(target=killer)
         thread.start()
         remote = analyse_slide(
-            cmu_svs, model, info, out_dir=tmp_path / "dask", secret=b"k" * 32, params=params, engine=engine,
+            cmu_svs, model, info, _settings(tmp_path / "dask", params, engine), secret=b"k" * 32,
             executor=executor,
         )
         thread.join()

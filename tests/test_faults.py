@@ -20,7 +20,16 @@ import tifffile
 import zarr
 
 from models import Registry
-from pipeline import RESULT_MANIFEST, AnalysisParams, EngineSettings, ModelInfo, analyse_slide
+from pipeline import (
+    LATEST_LINK,
+    RESULT_MANIFEST,
+    AnalysisParams,
+    EngineSettings,
+    GridSettings,
+    ModelInfo,
+    RunSettings,
+    analyse_slide,
+)
 from tests.conftest import shared_file
 try:
     from distributed import WorkerPlugin
@@ -35,8 +44,21 @@ def _run(cli: list[str], *args: object, timeout: float = 600) -> subprocess.Comp
 
 
 def _manifests(out: Path) -> dict[str, Path]:
-    """slide id -> result.json for every result folder marked complete under ``out``."""
-    return {p.parents[1].name: p for p in out.rglob(RESULT_MANIFEST) if ".work" not in p.parts}
+    """slide id -> result.json for every result folder marked complete under ``out``
+    (``out/<slide id>/<model>/v<version>-<digest>/result.json``; ``latest`` links skipped)."""
+    return {p.parents[2].name: p for p in out.rglob(RESULT_MANIFEST)
+            if ".work" not in p.parts and LATEST_LINK not in p.relative_to(out).parts}
+
+
+def _settings(out: Path, analysis: AnalysisParams, engine: EngineSettings) -> RunSettings:
+    return RunSettings(out_dir=out, model="tissue-qc", analysis=analysis, engine=engine)
+
+
+def _rows(stdout: str) -> list[dict]:
+    """The slide rows of `run --json`'s one document."""
+    report = json.loads(stdout)
+    assert report["command"] == "run"
+    return report["slides"]
 
 
 def _assert_complete(result_dir: Path) -> None:
@@ -111,9 +133,11 @@ def test_damaged_slides_in_a_batch_fail_one_by_one(wsiflow_cli, cmu_svs, tmp_pat
     result = _run(wsiflow_cli, "run", folder, "--out", out, "--readers", "2", "--json")
     assert result.returncode == EXIT_FAILED, result.stderr  # partial failure
     assert "Traceback" not in result.stderr
-    rows = json.loads(result.stdout)
+    report = json.loads(result.stdout)
+    assert report["command"] == "run" and report["state"] == "Partially failed"
+    rows = report["slides"]
     assert [r["input_index"] for r in rows] == list(range(len(names)))
-    by_name = {names[r["input_index"]]: r for r in rows}  # expand_slides sorts a folder's files
+    by_name = {names[r["input_index"]]: r for r in rows}  # expand_slide_arguments sorts a folder's files
 
     assert by_name["intact.svs"]["status"] == "done", by_name["intact.svs"]["error"]
     failed_ids = set()
@@ -146,6 +170,7 @@ def test_damaged_slides_in_a_batch_fail_one_by_one(wsiflow_cli, cmu_svs, tmp_pat
     complete = _manifests(out)
     assert not failed_ids & set(complete)
     assert set(complete) == {r["slide_id"] for r in rows if r["status"] == "done"}
+    assert report["counts"] == {s: sum(r["status"] == s for r in rows) for s in ("done", "reused", "failed")}
 
 
 # --- 2. a native crash on a Dask worker ------------------------------------------------------
@@ -190,10 +215,11 @@ def test_a_segfault_on_a_worker_fails_only_that_slide(bundled, cmu_svs, tmp_path
     import dask
     from distributed import Client, LocalCluster
 
-    from flows._dask import DaskChunkExecutor, ModelRef
+    from flows._dask import DaskChunkExecutor
+    from flows._model_ref import ModelRef
 
     registry, model, info = bundled
-    params = AnalysisParams(stride_px=112, chunk_cells=3)
+    params = AnalysisParams(grid=GridSettings(stride_px=112), chunk_cells=3)
     engine = EngineSettings(batch_size=16, device="cpu")
     # The crashing slide: other bytes than the good one (so another slide id), same pixels.
     crashing = tmp_path / _CRASH_MARKER / "slide.svs"
@@ -203,7 +229,7 @@ def test_a_segfault_on_a_worker_fails_only_that_slide(bundled, cmu_svs, tmp_path
     good.parent.mkdir()
     shutil.copyfile(cmu_svs, good)
 
-    local = analyse_slide(good, model, info, out_dir=tmp_path / "local", secret=b"f" * 32, params=params, engine=engine)
+    local = analyse_slide(good, model, info, _settings(tmp_path / "local", params, engine), secret=b"f" * 32)
     assert local.status == "done"
 
     plugin = _SegfaultOnMarkedSlide()
@@ -216,14 +242,15 @@ def test_a_segfault_on_a_worker_fails_only_that_slide(bundled, cmu_svs, tmp_path
         executor = DaskChunkExecutor(client, ModelRef(str(registry.site_root), "tissue-qc@1", info.sha256), retries=0)
 
         def analyse(path: Path):
-            return analyse_slide(path, model, info, out_dir=tmp_path / "dask", secret=b"f" * 32, params=params,
-                                 engine=engine, executor=executor)
+            return analyse_slide(path, model, info, _settings(tmp_path / "dask", params, engine), secret=b"f" * 32,
+                                 executor=executor)
 
         crashed = analyse(crashing)
         assert crashed.status == "failed"
         assert crashed.error is not None and crashed.error.kind == "worker", crashed.error
         assert "died" in crashed.error.message
-        assert not (tmp_path / "dask" / crashed.slide_id / "tissue-qc" / RESULT_MANIFEST).exists()
+        assert crashed.slide_id and (tmp_path / "dask" / crashed.slide_id / "tissue-qc").is_dir()
+        assert not list((tmp_path / "dask" / crashed.slide_id / "tissue-qc").glob(f"*/{RESULT_MANIFEST}"))
 
         # The client, the scheduler and the (restarted) workers survive. Chunks cancelled while
         # already running may still crash a worker: let them, and the restarts, settle first.
@@ -252,10 +279,10 @@ def disk_reference(bundled, cmu_svs_module, tmp_path_factory) -> Path:
     from pipeline import site_secret
 
     _, model, info = bundled
-    outcome = analyse_slide(
-        cmu_svs_module, model, info, out_dir=tmp_path_factory.mktemp("reference"), secret=site_secret(),
-        params=AnalysisParams(stride_px=112, chunk_cells=2), engine=EngineSettings(batch_size=64, readers=2),
-    )
+    settings = _settings(tmp_path_factory.mktemp("reference"),
+                         AnalysisParams(grid=GridSettings(stride_px=112), chunk_cells=2),
+                         EngineSettings(batch_size=64, readers=2))
+    outcome = analyse_slide(cmu_svs_module, model, info, settings, secret=site_secret())
     assert outcome.status == "done", outcome.error
     return outcome.result_dir  # type: ignore[return-value]
 
@@ -296,12 +323,16 @@ def _full_disk_then_rerun(wsiflow_cli: list[str], cmu_svs: Path, disk: Path, ref
     full = _run(wsiflow_cli, "run", cmu_svs, "--out", disk, *options)
     assert full.returncode == EXIT_FAILED, full.stderr
     assert "Traceback" not in full.stderr
-    (row,) = json.loads(full.stdout)
+    (row,) = _rows(full.stdout)
     assert row["status"] == "failed" and row["error"]["kind"] == "output", row
     assert "No space left" in row["error"]["message"]
     lines = [line for line in full.stderr.splitlines() if " failed: " in line]
     assert len(lines) == 1 and "failed: output: " in lines[0], full.stderr
-    result_dir = disk / ref_dir.parent.name / "tissue-qc"
+    # The same options as the reference: the same result folder name (it is not complete, so
+    # there is no `latest` yet).
+    model_dir = disk / ref_dir.parent.parent.name / "tissue-qc"
+    result_dir = model_dir / ref_dir.name
+    assert result_dir.is_dir() and not (model_dir / LATEST_LINK).exists()
     assert not (result_dir / RESULT_MANIFEST).exists()
     assert not list(result_dir.rglob("*.tmp"))  # no half-written temp files left holding space
     done = list((result_dir / ".work" / "chunks").glob("*.done"))
@@ -319,8 +350,8 @@ def _full_disk_then_rerun(wsiflow_cli: list[str], cmu_svs: Path, disk: Path, ref
     subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
     rerun = _run(wsiflow_cli, "run", cmu_svs, "--out", disk, *options)
     assert rerun.returncode == 0, rerun.stderr
-    (again,) = json.loads(rerun.stdout)
-    assert again["status"] == "done"
+    (again,) = _rows(rerun.stdout)
+    assert again["status"] == "done" and Path(again["result_dir"]) == result_dir
     assert again["chunks_computed"] == again["chunks_total"] - len(done)  # finished chunks were kept
     assert again["chunks_total"] <= chunks_total
     if size == "448k":

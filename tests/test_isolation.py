@@ -42,13 +42,16 @@ def test_a_native_crash_fails_one_slide_and_the_run_goes_on(wsiflow_cli, cmu_svs
     out = tmp_path / "out"
     done = _run(wsiflow_cli, "run", crash, cmu_svs, "--out", out, "--stride", "112", "--json")
     assert done.returncode == 1, done.stderr[-3000:]
-    rows = json.loads(done.stdout)
+    report = json.loads(done.stdout)
+    assert report["command"] == "run" and report["state"] == "Partially failed"
+    rows = report["slides"]
     assert [r["status"] for r in rows] == ["failed", "done"]
     assert rows[0]["error"]["kind"] == "worker" and "died" in rows[0]["error"]["message"]
     assert rows[0]["slide_id"] and rows[0]["slide_id"].startswith("s-")
     assert (Path(rows[1]["result_dir"]) / "result.json").is_file()
     assert "Traceback" not in done.stderr and crash.name not in done.stdout + done.stderr
-    assert not list(out.glob(f"{rows[0]['slide_id']}/*/result.json"))
+    assert list(out.glob(f"{rows[1]['slide_id']}/*/v*/result.json"))  # the pattern finds results...
+    assert not list(out.glob(f"{rows[0]['slide_id']}/*/v*/result.json"))  # ...and the crashed slide has none
 
 
 def test_without_isolation_the_same_crash_kills_the_whole_command(wsiflow_cli, cmu_svs, tmp_path):
@@ -56,4 +59,4 @@ def test_without_isolation_the_same_crash_kills_the_whole_command(wsiflow_cli, c
     done = _run(wsiflow_cli, "run", crash, cmu_svs, "--out", tmp_path / "out", "--stride", "112", "--json",
                 "--no-isolate")
     assert done.returncode in (-signal.SIGSEGV, 128 + signal.SIGSEGV), (done.returncode, done.stderr[-2000:])
-    assert not list((tmp_path / "out").glob("*/*/result.json"))  # the good slide never ran
+    assert not list((tmp_path / "out").glob("*/*/v*/result.json"))  # the good slide never ran

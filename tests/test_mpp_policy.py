@@ -29,10 +29,47 @@ def test_objective_power_is_never_turned_into_an_mpp():
         _resolve((None, None), power=40)
 
 
-def test_cli_value_wins_and_is_recorded_with_the_metadata():
+def test_cli_value_is_ignored_for_valid_metadata_and_says_so():
+    """A slide with a valid µm/px is never measured at another scale by accident."""
     r = _resolve((0.5, 0.5), MppPolicy(cli_mpp=(0.25, 0.25)))
-    assert (r.mpp_x, r.source, r.override, r.metadata_mpp_x) == (0.25, "cli", "--mpp", 0.5)
+    assert (r.mpp_x, r.mpp_y, r.source, r.override, r.declined) == (0.5, 0.5, "metadata", None, "--mpp")
+    assert not r.is_override
+    assert r.to_json()["declined"] == "--mpp"
+    assert "--mpp not applied" in r.describe() and "--mpp-force" in r.describe()
+
+
+def test_cli_value_with_force_replaces_valid_metadata_and_is_recorded_with_it():
+    r = _resolve((0.5, 0.5), MppPolicy(cli_mpp=(0.25, 0.25), force=True))
+    assert (r.mpp_x, r.mpp_y, r.source, r.override) == (0.25, 0.25, "cli", "--mpp-force")
+    assert (r.metadata_mpp_x, r.metadata_mpp_y, r.declined) == (0.5, 0.5, None)
     assert r.is_override
+    assert "OVERRIDE --mpp-force" in r.describe() and "metadata said 0.5 x 0.5" in r.describe()
+
+
+@pytest.mark.parametrize("meta", [(None, None), (0.25, None), (352.8, 352.8), (float("nan"), 0.25)])
+@pytest.mark.parametrize("force", [False, True])
+def test_cli_value_applies_when_metadata_is_missing_or_implausible(meta, force):
+    r = _resolve(meta, MppPolicy(cli_mpp=(0.3, 0.31), force=force))
+    assert (r.mpp_x, r.mpp_y, r.source, r.declined) == (0.3, 0.31, "cli", None)
+    assert r.override == ("--mpp-force" if force else "--mpp")
+    assert r.is_override and "the slide has no µm/px" in r.describe() or "metadata said" in r.describe()
+
+
+def test_cli_value_beats_config_overrides_when_metadata_is_missing():
+    policy = MppPolicy(cli_mpp=(0.3, 0.3), overrides=(MppOverride(0.4, 0.4, label="a", vendor="aperio"),))
+    assert (_resolve((None, None), policy).mpp_x, _resolve((None, None), policy).override) == (0.3, "--mpp")
+
+
+def test_force_without_a_value_is_refused():
+    with pytest.raises(ConfigError, match="--mpp-force"):
+        MppPolicy(force=True)
+
+
+def test_fixed_policy_always_uses_its_value():
+    """For workers: a scale already resolved (and recorded) by the client is used as is."""
+    r = _resolve((0.5, 0.5), MppPolicy.fixed(0.25, 0.26))
+    assert (r.mpp_x, r.mpp_y, r.source) == (0.25, 0.26, "cli")
+    assert _resolve((None, None), MppPolicy.fixed(0.25, 0.26)).mpp_x == 0.25
 
 
 def test_folder_override_beats_vendor_override_and_records_its_label_not_the_path():
@@ -51,10 +88,40 @@ def test_folder_override_beats_vendor_override_and_records_its_label_not_the_pat
         _resolve((None, None), policy, vendor="hamamatsu", path=Path("/elsewhere/x.ndpi"))
 
 
-def test_only_if_missing_keeps_good_metadata():
-    policy = MppPolicy(overrides=(MppOverride(0.3, 0.3, label="a", vendor="aperio", only_if_missing=True),))
-    assert _resolve((0.5, 0.5), policy).source == "metadata"
-    assert _resolve((None, None), policy).mpp_x == 0.3
+def test_config_override_without_force_keeps_valid_metadata_and_says_so():
+    policy = MppPolicy(overrides=(MppOverride(0.3, 0.3, label="a", vendor="aperio"),))
+    kept = _resolve((0.5, 0.5), policy)
+    assert (kept.mpp_x, kept.source, kept.override, kept.declined) == (0.5, "metadata", None, "mpp_overrides[a]")
+    missing = _resolve((None, None), policy)
+    assert (missing.mpp_x, missing.source, missing.override) == (0.3, "config", "mpp_overrides[a]")
+
+
+def test_config_override_with_force_replaces_valid_metadata():
+    policy = MppPolicy(overrides=(MppOverride(0.3, 0.3, label="a", vendor="aperio", force=True),))
+    r = _resolve((0.5, 0.5), policy)
+    assert (r.mpp_x, r.source, r.override, r.metadata_mpp_x, r.declined) == (0.3, "config", "mpp_overrides[a]", 0.5, None)
+    assert r.is_override
+    # A forced folder override still beats a (forced) vendor override.
+    both = MppPolicy(overrides=(
+        MppOverride(0.3, 0.3, label="vendor", vendor="aperio", force=True),
+        MppOverride(0.4, 0.4, label="frozen", folder=Path("/data/frozen"), force=True),
+    ))
+    assert _resolve((0.5, 0.5), both).override == "mpp_overrides[frozen]"
+
+
+def test_a_declined_cli_value_is_reported_before_a_declined_config_override():
+    policy = MppPolicy(cli_mpp=(0.25, 0.25), overrides=(MppOverride(0.3, 0.3, label="a", vendor="aperio"),))
+    r = _resolve((0.5, 0.5), policy)
+    assert (r.source, r.declined) == ("metadata", "--mpp")
+
+
+def test_a_non_forced_override_is_skipped_for_the_next_one():
+    """Valid metadata: an unforced folder override is declined, a forced vendor one applies."""
+    policy = MppPolicy(overrides=(
+        MppOverride(0.4, 0.4, label="frozen", folder=Path("/data/frozen")),
+        MppOverride(0.3, 0.3, label="vendor", vendor="aperio", force=True),
+    ))
+    assert _resolve((0.5, 0.5), policy).override == "mpp_overrides[vendor]"
 
 
 @pytest.mark.parametrize("value", [0.0, -1.0, 51.0, float("inf")])

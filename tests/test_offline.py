@@ -87,6 +87,9 @@ def test_make_demo_runs_offline(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    results = list(out.glob("s-*/tissue-qc/result.json"))
+    # OUT/<slide id>/tissue-qc/v<version>-<digest>/ holds the result; `latest` points at it.
+    results = list(out.glob("s-*/tissue-qc/v*/result.json"))
     assert len(results) == 1, sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))[:20]
+    latest = results[0].parent.parent / "latest"
+    assert latest.is_symlink() and latest.resolve() == results[0].parent.resolve()
     assert "creating .venv" not in done.stdout, "make demo tried to (re)install: the venv was not up to date"

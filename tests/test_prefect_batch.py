@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -40,11 +41,19 @@ def test_batch_flow_on_the_server(prefect_server, wsiflow_cli, cmu_svs, tmp_path
     )
     assert result.returncode == 1, result.stderr[-3000:]
     report = json.loads(result.stdout)
+    # The one document shape of `run --json` and `batch --json`.
+    assert report["command"] == "batch" and report["batch_id"]
     assert report["state"] == "Partially failed"
+    assert report["counts"] == {"done": 1, "reused": 0, "failed": 1}
+    assert [r["input_index"] for r in report["slides"]] == [0, 1]
     statuses = [(r["status"], (r["error"] or {}).get("kind")) for r in report["slides"]]
     assert statuses == [("done", None), ("failed", "corrupt")]
     done = report["slides"][0]
-    assert (tmp_path / "out" / done["result"] / "result.json").exists()
+    assert done["model"] == "tissue-qc@1" and done["mpp"]["source"] == "metadata" and done["tiles"] > 0
+    result_dir = Path(done["result_dir"])  # absolute, as in `run --json`
+    assert result_dir.is_absolute() and result_dir.is_relative_to(tmp_path / "out")
+    assert (result_dir / "result.json").exists()
+    assert report["slides"][1]["result_dir"] is None
 
     # The server is shared by the session: look only at this batch's run.
     flow_runs = [r for r in _api(prefect_server, "/flow_runs/filter", {"limit": 200})
@@ -87,8 +96,11 @@ def test_inbox_processes_a_dropped_slide_once(prefect_server, cmu_svs, tmp_path)
     inbox.mkdir()
     env = {**os.environ, "PREFECT_API_URL": prefect_server["url"], "PREFECT_HOME": str(prefect_server["home"])}
     created = _python(
-        "from flows._inbox import save_inbox; from flows._batch import BatchSpec; "
-        f"print(save_inbox({str(inbox)!r}, BatchSpec(slides=(), out={str(tmp_path / 'out')!r}, stride_px=112, readers=2)))",
+        "from pathlib import Path; from flows._inbox import save_inbox; "
+        "from pipeline import AnalysisParams, EngineSettings, GridSettings, RunSettings; "
+        f"settings = RunSettings(out_dir=Path({str(tmp_path / 'out')!r}), model='tissue-qc', "
+        "analysis=AnalysisParams(grid=GridSettings(stride_px=112)), engine=EngineSettings(readers=2)); "
+        f"print(save_inbox({str(inbox)!r}, settings))",
         env,
     )
     assert created.returncode == 0, created.stderr[-2000:]
@@ -111,7 +123,8 @@ def test_inbox_processes_a_dropped_slide_once(prefect_server, cmu_svs, tmp_path)
     good, bad = ledger[str(inbox / "new-scan.svs")], ledger[str(inbox / "broken.svs")]
     assert good["status"] == "processed" and good["slide_id"].startswith("s-")
     assert bad["status"] == "failed" and bad["error"]["kind"] == "corrupt"
-    assert (tmp_path / "out" / good["result"] / "result.json").exists()
+    assert bad["result"] is None
+    assert (tmp_path / "out" / good["result"] / "result.json").exists()  # relative to the output folder
 
 
 def test_serve_creates_a_scheduled_deployment(prefect_server, wsiflow_cli, tmp_path):

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline import AnalysisParams, EngineSettings, ModelInfo, TissueParams, analyse_slide
+from pipeline import (
+    AnalysisParams,
+    EngineSettings,
+    GridSettings,
+    ModelInfo,
+    RunSettings,
+    TissueParams,
+    analyse_slide,
+)
 from tests._analytic import RedMeanClassifier
 from tests._synthetic import write_pyramid_tiff
 
@@ -35,12 +43,15 @@ def pattern_slide(tmp_path_factory):
 def test_heatmap_cells_hold_their_tile_values_in_micrometres(pattern_slide, tmp_path, target_mpp, tile_px, stride_px):
     assert tile_px * target_mpp == CELL_UM  # one painted square per tile
     model = RedMeanClassifier(tile_px, target_mpp)
-    outcome = analyse_slide(
-        pattern_slide, model, ModelInfo("analytic", 1, "0" * 64, ("#ff0000", "#0000ff")),
-        out_dir=tmp_path, secret=b"k" * 32,
-        params=AnalysisParams(stride_px=stride_px, min_tissue_fraction=0.0, edge="drop",
-                              tissue=TissueParams(min_tissue_area_um2=0), chunk_cells=8),
+    settings = RunSettings(
+        out_dir=tmp_path, model="analytic@1",
+        analysis=AnalysisParams(grid=GridSettings(stride_px=stride_px, min_tissue_fraction=0.0, edge="drop"),
+                                tissue=TissueParams(min_tissue_area_um2=0), chunk_cells=8),
         engine=EngineSettings(batch_size=16, readers=2, device="cpu"),
+    )
+    outcome = analyse_slide(
+        pattern_slide, model, ModelInfo("analytic", 1, "0" * 64, ("#ff0000", "#0000ff")), settings,
+        secret=b"k" * 32,
     )
     assert outcome.status == "done", outcome.error
     group = zarr.open_group(str(outcome.result_dir / "heatmap.ome.zarr"), mode="r")

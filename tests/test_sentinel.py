@@ -91,7 +91,7 @@ def test_the_sentinel_appears_in_nothing_wsiflow_writes(prefect_server, wsiflow_
     wsiflow("inspect", "inspect", str(slide), "--json", environ=local_env)
     run = wsiflow("run", "run", str(slide), "--out", str(written / "cli"), "--stride", "112", "--json",
                   environ=local_env)
-    [row] = json.loads(run.stdout)
+    [row] = json.loads(run.stdout)["slides"]
     result_dir = Path(row["result_dir"])
     assert row["status"] == "done" and row["slide_id"].startswith("s-")
 

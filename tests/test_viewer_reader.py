@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from models import Registry
-from pipeline import AnalysisParams, EngineSettings, ModelInfo, analyse_slide
+from pipeline import AnalysisParams, EngineSettings, GridSettings, ModelInfo, RunSettings, analyse_slide
 from tests.conftest import shared_file
 
 npe2 = pytest.importorskip("npe2")
@@ -19,8 +19,10 @@ def result(tmp_path_factory, cmu_svs_module):
     m = model.manifest
     outcome = analyse_slide(
         cmu_svs_module, model, ModelInfo(m.name, m.version, m.weights_sha256, tuple(c.color for c in m.classes)),
-        out_dir=tmp_path_factory.mktemp("viewer"), secret=b"v" * 32,
-        params=AnalysisParams(stride_px=112, chunk_cells=8), engine=EngineSettings(device="cpu"),
+        RunSettings(out_dir=tmp_path_factory.mktemp("viewer"), model="tissue-qc",
+                    analysis=AnalysisParams(grid=GridSettings(stride_px=112), chunk_cells=8),
+                    engine=EngineSettings(device="cpu")),
+        secret=b"v" * 32,
     )
     assert outcome.status == "done"
     return outcome.result_dir
@@ -39,6 +41,8 @@ def _read(path):
 def test_result_folder_gives_slide_heatmaps_and_mask_aligned_in_micrometres(result):
     layers = _read(result)
     kinds = [(meta["name"], kind) for _, meta, kind in layers]
+    # The model folder (OUT/<slide id>/<model>/) opens its `latest` result, the same layers.
+    assert [(meta["name"], kind) for _, meta, kind in _read(result.parent)] == kinds
     assert kinds[0] == ("slide", "image")
     assert [n for n, _ in kinds[1:5]] == ["P(background)", "P(tissue)", "P(pen)", "P(blur)"]
     assert kinds[5] == ("tissue", "labels")
@@ -109,7 +113,7 @@ def test_sample_data_contribution(result, monkeypatch):
     npe2.PluginManager.instance().discover()
     manifest = npe2.PluginManager.instance().get_manifest("wsiflow")
     assert [s.key for s in manifest.contributions.sample_data] == ["demo"]
-    monkeypatch.setenv("WSIFLOW_DEMO_OUT", str(result.parent.parent))
+    monkeypatch.setenv("WSIFLOW_DEMO_OUT", str(result.parents[2]))  # OUT/<slide id>/<model>/<result>
     from viewer._sample import demo_result
 
     names = [meta["name"] for _, meta, _ in demo_result()]

@@ -10,7 +10,7 @@ import pytest
 
 from models import Registry
 from models._annotations import read_annotations
-from pipeline import AnalysisParams, EngineSettings, ModelInfo, analyse_slide
+from pipeline import AnalysisParams, EngineSettings, GridSettings, ModelInfo, RunSettings, analyse_slide
 from tests.conftest import shared_file
 
 pytest.importorskip("napari")
@@ -24,8 +24,10 @@ def result(tmp_path_factory):
     outcome = analyse_slide(
         shared_file("slides/CMU-1-Small-Region.svs"), model,
         ModelInfo(m.name, m.version, m.weights_sha256, tuple(c.color for c in m.classes)),
-        out_dir=tmp_path_factory.mktemp("review"), secret=b"r" * 32,
-        params=AnalysisParams(stride_px=112, chunk_cells=8), engine=EngineSettings(device="cpu"),
+        RunSettings(out_dir=tmp_path_factory.mktemp("review"), model="tissue-qc",
+                    analysis=AnalysisParams(grid=GridSettings(stride_px=112), chunk_cells=8),
+                    engine=EngineSettings(device="cpu")),
+        secret=b"r" * 32,
     )
     assert outcome.status == "done"
     return outcome.result_dir

@@ -8,10 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from models import ModelEntry, Registry
-from models._import import import_model
-from models._loading import load_model_from_dir
-from models._patches import load_patch
+from models import ModelEntry, Registry, import_model, load_model_from_dir, load_patch
 from pipeline import WsiflowError, classify_tiles
 from privacy import audit_event
 

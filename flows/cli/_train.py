@@ -6,10 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from models import TrainSettings
-from models._finetune import annotated_dataset, finetune
-from models._patches import labelled_patch_folder
-from models._validate import validate_arrays
+from models import TrainSettings, annotated_dataset, finetune, labelled_patch_folder, validate_arrays
 from pipeline import ConfigError, MppPolicy
 
 from ._common import EXIT_OK, mpp_arg
