@@ -82,7 +82,7 @@ demo: setup sample
 	$(VENV)/bin/wsiflow models verify
 	@echo "== wsiflow run: the bundled tissue-qc model on the sample slide"
 	$(VENV)/bin/wsiflow run $(SAMPLE) --out $(DEMO_OUT) --stride 112
-	@echo "== results are in $(DEMO_OUT)/<slide id>/tissue-qc/ (overview.png, heatmap.ome.zarr, tiles.parquet, results.geojson, summary.json)"
+	@echo "== results are in $(DEMO_OUT)/<slide id>/tissue-qc/latest/ (overview.png, heatmap.ome.zarr, tiles.parquet, results.geojson, summary.json)"
 
 test: setup system-deps
 	$(PY) -m pytest

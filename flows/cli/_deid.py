@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline import WsiflowError, content_digest, site_secret, slide_id
+from pipeline import WsiflowError, identify_slide, site_secret
 from privacy import audit_event, deidentify_slide
 
 from ._common import EXIT_FAILED, EXIT_OK
@@ -43,8 +43,8 @@ def add_deid_parser(commands: argparse._SubParsersAction) -> None:
 
 def _input_slide_id(path: str) -> str | None:
     try:
-        return slide_id(content_digest(path), site_secret())
-    except OSError:
+        return identify_slide(path, site_secret()).slide_id
+    except WsiflowError:
         return None  # unreadable input: the deid error itself says why
 
 
