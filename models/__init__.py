@@ -12,10 +12,9 @@ from ._errors import (
 from ._finetune import annotated_dataset, finetune
 from ._import import import_model
 from ._loading import LoadedModel, build_module, load_model_from_dir
-from ._patches import labelled_patch_folder, load_patch
-from ._validate import validate_arrays
 from ._manifest import ClassInfo, Lineage, ModelManifest, Validation, parse_manifest, read_manifest, write_manifest
 from ._metrics import classification_metrics, confusion_matrix, expected_calibration_error
+from ._patches import labelled_patch_folder, load_patch
 from ._registry import (
     BUNDLED_ROOT,
     DEFAULT_MODEL,
@@ -26,6 +25,7 @@ from ._registry import (
     site_models_dir,
 )
 from ._train import EpochStats, TrainSettings, train_module
+from ._validate import validate_arrays
 
 __all__ = [
     "BUNDLED_ROOT",

@@ -75,7 +75,9 @@ def read_annotations(path: Path) -> list[AnnotatedRegion]:
     return regions
 
 
-def _class_mask(regions: list[AnnotatedRegion], name: str, shape: tuple[int, int], scale_x: float, scale_y: float) -> np.ndarray:
+def _class_mask(
+    regions: list[AnnotatedRegion], name: str, shape: tuple[int, int], scale_x: float, scale_y: float
+) -> np.ndarray:
     canvas = Image.new("L", (shape[1], shape[0]), 0)
     draw = ImageDraw.Draw(canvas)
     for region in regions:
@@ -124,5 +126,7 @@ def sample_annotated_patches(
                 images.append(slide.read_region_at_mpp(cx - half_x, cy - half_y, tile, tile, preprocessing.target_mpp))
                 labels.append(label)
     if not images:
-        raise TrainingDataError("the polygons cover no part of the slide", hint="check that the annotations belong to this slide")
+        raise TrainingDataError(
+            "the polygons cover no part of the slide", hint="check that the annotations belong to this slide"
+        )
     return np.stack(images), np.array(labels, dtype=np.int64)

@@ -62,7 +62,7 @@ def defocus(patch: np.ndarray, rng: np.random.Generator, sigma_range: tuple[floa
     """Out-of-focus blur: a disk (lens) blur plus a Gaussian, of random strength."""
     sigma = rng.uniform(*sigma_range)
     image = Image.fromarray(patch)
-    radius = int(round(sigma))
+    radius = round(sigma)
     if radius >= 1:
         image = image.filter(ImageFilter.BoxBlur(radius))
     image = image.filter(ImageFilter.GaussianBlur(sigma * 0.8))

@@ -41,7 +41,7 @@ def annotated_dataset(
     rng = np.random.default_rng(seed)
     per_slide = max(1, int(np.ceil(per_class / len(slides))))
     images, labels = [], []
-    for slide, geojson in zip(slides, annotations):
+    for slide, geojson in zip(slides, annotations, strict=True):
         x, y = sample_annotated_patches(
             slide, read_annotations(geojson), class_names, model.preprocessing, per_slide, rng, mpp_policy
         )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ._errors import ManifestError, UnsafeWeightsError
 from ._loading import build_module
-from ._manifest import MANIFEST_NAME, Lineage, parse_manifest, read_manifest, now_iso
+from ._manifest import MANIFEST_NAME, Lineage, now_iso, parse_manifest, read_manifest
 from ._registry import ModelEntry, Registry
 from ._weights import (
     PICKLE_SUFFIXES,
@@ -26,7 +26,10 @@ def _template(path: Path | None, weights_sha: str, registry: Registry) -> dict:
     if path is None:
         raise ManifestError(
             "importing bare weights needs a manifest describing them",
-            hint="pass --manifest M.json (name, architecture, classes, tile_size_px, target_mpp, normalization, intended_use)",
+            hint=(
+                "pass --manifest M.json "
+                "(name, architecture, classes, tile_size_px, target_mpp, normalization, intended_use)"
+            ),
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -70,7 +73,10 @@ def import_model(
         weights = source.read_bytes()
         manifest = parse_manifest(_template(manifest_path, sha256_bytes(weights), registry))
     else:
-        raise UnsafeWeightsError(f"cannot import {source.suffix or 'a file without suffix'}: give a model folder, .safetensors or a checkpoint")
+        raise UnsafeWeightsError(
+            f"cannot import {source.suffix or 'a file without suffix'}: "
+            "give a model folder, .safetensors or a checkpoint"
+        )
     module = build_module(manifest)
     try:
         module.load_state_dict(state_dict_from_safetensors(weights), strict=True)

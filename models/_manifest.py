@@ -10,7 +10,7 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -123,14 +123,14 @@ class ModelManifest:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
 def _get(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
     if key not in data:
         raise ManifestError(f"manifest field {where}{key} is missing")
     value = data[key]
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ManifestError(f"manifest field {where}{key} = {value!r} has the wrong type")
     return value
 

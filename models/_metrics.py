@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ def expected_calibration_error(truth: np.ndarray, probabilities: np.ndarray, bin
     correct = probabilities.argmax(axis=1) == truth
     edges = np.linspace(0, 1, bins + 1)
     ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         inside = (confidence > lo) & (confidence <= hi)
         if inside.any():
             ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
@@ -34,7 +35,7 @@ def _reliability(truth: np.ndarray, probabilities: np.ndarray, bins: int = 10) -
     correct = probabilities.argmax(axis=1) == truth
     edges = np.linspace(0, 1, bins + 1)
     rows = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         inside = (confidence > lo) & (confidence <= hi)
         if inside.any():
             rows.append(
@@ -70,7 +71,7 @@ def classification_metrics(
             "precision": float(precision), "recall": float(recall), "f1": float(f1), "support": int(support)
         }
     return {
-        "n": int(len(truth)),
+        "n": len(truth),
         "accuracy": float((predicted == truth).mean()) if len(truth) else float("nan"),
         "balanced_accuracy": float(np.mean(recalls)) if recalls else float("nan"),
         "macro_f1": float(np.mean([c["f1"] for c in per_class.values() if c["support"]])) if recalls else float("nan"),

@@ -49,7 +49,9 @@ def labelled_patch_folder(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images from ``folder/CLASS/*.png|jpg``: (images, labels). Unknown class folders are refused."""
     if not folder.is_dir():
-        raise TrainingDataError("the labelled patch folder does not exist", hint="give a folder with one sub-folder per class")
+        raise TrainingDataError(
+            "the labelled patch folder does not exist", hint="give a folder with one sub-folder per class"
+        )
     subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     unknown = [p.name for p in subfolders if p.name not in class_names]
     if unknown:

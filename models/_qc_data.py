@@ -48,7 +48,9 @@ class Source:
 def load_source(data_dir: Path, spec: SourceSpec, target_mpp: float) -> Source:
     path = data_dir / spec.relative_path
     if not path.exists():
-        raise TrainingDataError(f"training source {spec.relative_path} is missing", hint="looked in the data folder given")
+        raise TrainingDataError(
+            f"training source {spec.relative_path} is missing", hint="looked in the data folder given"
+        )
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if path.suffix.lower() in (".svs", ".tif", ".tiff", ".ndpi"):
         policy = MppPolicy.fixed(spec.mpp, spec.mpp) if spec.mpp else MppPolicy()
@@ -64,7 +66,10 @@ def load_source(data_dir: Path, spec: SourceSpec, target_mpp: float) -> Source:
     mask_mpp = 8.0
     small = np.asarray(
         Image.fromarray(image).resize(
-            (max(1, round(image.shape[1] * target_mpp / mask_mpp)), max(1, round(image.shape[0] * target_mpp / mask_mpp))),
+            (
+                max(1, round(image.shape[1] * target_mpp / mask_mpp)),
+                max(1, round(image.shape[0] * target_mpp / mask_mpp)),
+            ),
             Image.Resampling.BOX,
         )
     )
@@ -73,7 +78,9 @@ def load_source(data_dir: Path, spec: SourceSpec, target_mpp: float) -> Source:
     return Source(spec, image, tissue, digest)
 
 
-def _crop(source: Source, rng: np.random.Generator, size: int, want_tissue: bool, tries: int = 200) -> np.ndarray | None:
+def _crop(
+    source: Source, rng: np.random.Generator, size: int, want_tissue: bool, tries: int = 200
+) -> np.ndarray | None:
     h, w = source.tissue.shape
     if h < size or w < size:
         return None

@@ -56,7 +56,7 @@ def _augment(batch: torch.Tensor, generator: torch.Generator, jitter: float) -> 
     flip = torch.rand(n, generator=generator) < 0.5
     batch = torch.where(flip.view(n, 1, 1, 1), batch.flip(3), batch)
     turns = torch.randint(0, 4, (n,), generator=generator)
-    batch = torch.stack([torch.rot90(img, int(k), dims=(1, 2)) for img, k in zip(batch, turns)])
+    batch = torch.stack([torch.rot90(img, int(k), dims=(1, 2)) for img, k in zip(batch, turns, strict=True)])
     if jitter > 0:
         def factor() -> torch.Tensor:
             return (1 + (torch.rand(n, generator=generator) * 2 - 1) * jitter).view(n, 1, 1, 1)
@@ -124,7 +124,9 @@ def train_module(
             rate = seen / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{correct / seen:.2f}", tiles_s=f"{rate:.0f}")
         stats = EpochStats(epoch, total_loss / seen, correct / seen, seen / (time.perf_counter() - start))
-        _log.info("epoch %d: loss %.4f, accuracy %.3f, %.0f tiles/s", epoch, stats.loss, stats.accuracy, stats.tiles_per_s)
+        _log.info(
+            "epoch %d: loss %.4f, accuracy %.3f, %.0f tiles/s", epoch, stats.loss, stats.accuracy, stats.tiles_per_s
+        )
         history.append(stats)
     module.eval()
     return history

@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from ._loading import LoadedModel, build_module
 from ._manifest import ClassInfo, Lineage, ModelManifest, Validation, now_iso, write_manifest
 from ._metrics import classification_metrics
@@ -71,7 +70,9 @@ def _manifest(weights_sha: str, data_digest: str, validation: Validation) -> Mod
     )
 
 
-def _model_card(manifest: ModelManifest, metrics: dict, history: list, seconds: float, n_train: int, n_held: int) -> str:
+def _model_card(
+    manifest: ModelManifest, metrics: dict, history: list, seconds: float, n_train: int, n_held: int
+) -> str:
     per_class = "\n".join(
         f"| {name} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
         for name, c in metrics["per_class"].items()
@@ -156,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     probabilities = classify_tiles(LoadedModel(draft, module), x_held)
     metrics = classification_metrics(y_held, probabilities, QC_CLASSES)
     weights = state_dict_to_safetensors(module.state_dict())
-    data_digest = sources_digest(train_sources, f"seed={SEED};per_class={args.per_class};tile={TILE_PX};mpp={TARGET_MPP}")
+    data_digest = sources_digest(
+        train_sources, f"seed={SEED};per_class={args.per_class};tile={TILE_PX};mpp={TARGET_MPP}"
+    )
     held_digest = sources_digest(held_sources, f"seed={SEED + 1};per_class={HELD_OUT_PER_CLASS}")
     validation = Validation(
         date=now_iso(),

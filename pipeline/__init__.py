@@ -3,13 +3,49 @@
 Imports nothing from ``models``, ``flows`` or ``viewer``.
 """
 
-from ._classifier import PatchClassifier, Preprocessing
 from ._analysis import Progress, analyse_slide
+from ._backend import BACKEND_NAMES, SLIDE_SUFFIXES, BackendName, SlideBackend, is_dicom_folder, open_backend
 from ._chunk_run import ChunkExecutor, ChunkJob, run_chunk
 from ._chunks import ChunkTask, plan_chunks
+from ._classifier import PatchClassifier, Preprocessing
+from ._discover import expand_slide_arguments
 from ._engine import EngineSettings, classify_stream, classify_tiles, default_readers, resolve_device
+from ._errors import (
+    ConfigError,
+    CorruptSlideError,
+    DeidentificationError,
+    MissingMppError,
+    NotAResultError,
+    OutputError,
+    SlideNotFoundError,
+    SlidePermissionError,
+    UnsupportedSlideError,
+    WorkerError,
+    WsiflowError,
+)
+from ._grid import MAX_GRID_POSITIONS, GridSpec, TileGrid, grid_shape, make_tile_grid
 from ._identity import SlideIdentity, identify_slide
+from ._inspect import SlideReport, inspect_slide
+from ._mpp import (
+    PLAUSIBLE_MPP_RANGE,
+    MppOverride,
+    MppPolicy,
+    MppResolution,
+    MppSource,
+    check_plausible_mpp,
+    resolve_mpp,
+)
 from ._outcome import SlideOutcome, SlideStatus
+from ._privacy import (
+    OFFLINE_ENV,
+    apply_offline_env,
+    content_digest,
+    lookup_slide_location,
+    record_slide_location,
+    site_dir,
+    site_secret,
+    slide_id,
+)
 from ._result import (
     LATEST_LINK,
     RESULT_FILES,
@@ -22,42 +58,6 @@ from ._result import (
 )
 from ._serde import from_data, to_data
 from ._settings import AnalysisParams, GridSettings, RunSettings, analysis_digest
-from ._backend import BACKEND_NAMES, SLIDE_SUFFIXES, BackendName, SlideBackend, is_dicom_folder, open_backend
-from ._discover import expand_slide_arguments
-from ._errors import (
-    ConfigError,
-    CorruptSlideError,
-    DeidentificationError,
-    OutputError,
-    WorkerError,
-    MissingMppError,
-    NotAResultError,
-    SlideNotFoundError,
-    SlidePermissionError,
-    UnsupportedSlideError,
-    WsiflowError,
-)
-from ._grid import MAX_GRID_POSITIONS, GridSpec, TileGrid, grid_shape, make_tile_grid
-from ._inspect import SlideReport, inspect_slide
-from ._mpp import (
-    PLAUSIBLE_MPP_RANGE,
-    MppOverride,
-    MppPolicy,
-    MppResolution,
-    MppSource,
-    check_plausible_mpp,
-    resolve_mpp,
-)
-from ._privacy import (
-    OFFLINE_ENV,
-    apply_offline_env,
-    content_digest,
-    lookup_slide_location,
-    record_slide_location,
-    site_dir,
-    site_secret,
-    slide_id,
-)
 from ._slide import Slide, SlideInfo, open_slide, slide_info
 from ._tables import class_regions
 from ._tissue import TissueMask, TissueParams, detect_tissue, pen_mask

@@ -72,6 +72,27 @@ class _Attempt:
         return SlideOutcome(self.slide_id, "failed", None, None, error=error, mpp=mpp, model=self.model)
 
 
+class _Clock:
+    """Wall time of each step, for summary.json's timings."""
+
+    def __init__(self, started: float) -> None:
+        self._started = started
+        self._last = started
+        self._laps: dict[str, float] = {}
+        self.tiles_per_s: float | None = None
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self._laps[name] = round(now - self._last, 3)
+        self._last = now
+
+    def timings(self, tiles_computed: int) -> dict[str, float | int | None]:
+        inference_s = self._laps.get("inference_s", 0.0)
+        self.tiles_per_s = round(tiles_computed / inference_s, 2) if tiles_computed and inference_s > 0 else None
+        return {**self._laps, "total_s": round(time.perf_counter() - self._started, 3),
+                "tiles_computed": tiles_computed, "tiles_per_s": self.tiles_per_s}
+
+
 @dataclass(frozen=True)
 class _Plan:
     """Where and what one analysis computes."""
@@ -79,6 +100,19 @@ class _Plan:
     spec: GridSpec
     key: str
     folder: ResultFolder
+
+
+@dataclass(frozen=True)
+class _Context:
+    """One slide's analysis: what is analysed, with what, and where it goes."""
+
+    path: Path
+    slide: Slide
+    identity: SlideIdentity
+    classifier: PatchClassifier
+    model: ModelInfo
+    settings: RunSettings
+    plan: _Plan
 
 
 @dataclass(frozen=True)
@@ -169,34 +203,34 @@ def _layout(slide: Slide, spec: GridSpec, settings: RunSettings, folder: ResultF
     return _Layout(mask, grid, tasks, pending)
 
 
-def _compute(slide: Slide, identity: SlideIdentity, classifier: PatchClassifier, plan: _Plan,
-             layout: _Layout, settings: RunSettings, resumed: bool, executor: ChunkExecutor | None,
-             progress: Progress | None, path: Path) -> None:
+def _compute(ctx: _Context, layout: _Layout, resumed: bool, executor: ChunkExecutor | None,
+             progress: Progress | None) -> None:
     """Run the pending chunks (here or on ``executor``) into the heatmap's level 0."""
-    folder = plan.folder
+    folder, slide, settings = ctx.plan.folder, ctx.slide, ctx.settings
     if not (resumed and (folder.heatmap / "0").exists()):
-        create_heatmap(folder.heatmap, len(classifier.class_names), layout.grid.n_rows, layout.grid.n_cols,
+        create_heatmap(folder.heatmap, len(ctx.classifier.class_names), layout.grid.n_rows, layout.grid.n_cols,
                        settings.analysis.chunk_cells)
     grid_total = len(layout.grid)
     on_batch = progress(grid_total, grid_total - layout.pending_tiles) if progress else None
 
     def run_here(task: ChunkTask) -> None:
-        run_chunk(task, slide, classifier, plan.spec, folder.heatmap, folder.chunk_markers, settings.engine, on_batch)
+        run_chunk(task, slide, ctx.classifier, ctx.plan.spec, folder.heatmap, folder.chunk_markers,
+                  settings.engine, on_batch)
 
     job = ChunkJob(
-        slide_id=identity.slide_id, slide_path=os.fspath(Path(path).resolve()), backend=slide.info.backend,  # type: ignore[arg-type]
-        mpp_x=slide.mpp.mpp_x, mpp_y=slide.mpp.mpp_y, grid=plan.spec,
+        slide_id=ctx.identity.slide_id, slide_path=os.fspath(ctx.path.resolve()), backend=slide.info.backend,
+        mpp_x=slide.mpp.mpp_x, mpp_y=slide.mpp.mpp_y, grid=ctx.plan.spec,
         heatmap_path=os.fspath(folder.heatmap.resolve()), done_dir=os.fspath(folder.chunk_markers.resolve()),
         engine=settings.engine,
     )
     (executor or run_sequentially)(layout.pending, job, run_here, on_batch)
 
 
-def _write_outputs(slide: Slide, sid: str, classifier: PatchClassifier, model: ModelInfo, plan: _Plan,
-                   layout: _Layout, settings: RunSettings) -> tuple[TileResults, int]:
+def _write_outputs(ctx: _Context, layout: _Layout) -> tuple[TileResults, int]:
     """Heatmap pyramid, tissue mask, tile table, GeoJSON and overview; the table and regions."""
-    folder, spec, grid, params = plan.folder, plan.spec, layout.grid, settings.analysis
-    names = classifier.class_names
+    folder, spec, grid, params = ctx.plan.folder, ctx.plan.spec, layout.grid, ctx.settings.analysis
+    slide, model, sid = ctx.slide, ctx.model, ctx.identity.slide_id
+    names = ctx.classifier.class_names
     level0 = read_heatmap_level0(folder.heatmap)
     probabilities = level0[:, grid.rows, grid.cols].T.copy() if len(grid) else np.zeros((0, len(names)), np.float32)
     results = TileResults(
@@ -257,33 +291,22 @@ def analyse_slide(
                 if not settings.force and plan.folder.is_complete(plan.key):
                     return _reused(plan.folder, attempt, sid)
                 resumed = _prepare_work(plan.folder, plan.key, settings.force)
+                ctx = _Context(slide_path, slide, ident, classifier, model, settings, plan)
+                clock = _Clock(attempt.started)
                 layout = _layout(slide, plan.spec, settings, plan.folder)
-                tissue_s = time.perf_counter() - attempt.started
-
-                infer_start = time.perf_counter()
-                _compute(slide, ident, classifier, plan, layout, settings, resumed, executor, progress, slide_path)
-                inference_s = time.perf_counter() - infer_start
-
-                final_start = time.perf_counter()
-                results, regions = _write_outputs(slide, sid, classifier, model, plan, layout, settings)
-                computed = layout.pending_tiles
-                timings: dict[str, float | int | None] = {
-                    "tissue_s": round(tissue_s, 3),
-                    "inference_s": round(inference_s, 3),
-                    "finalize_s": round(time.perf_counter() - final_start, 3),
-                    "total_s": round(time.perf_counter() - attempt.started, 3),
-                    "tiles_computed": computed,
-                    "tiles_per_s": round(computed / inference_s, 2) if computed and inference_s > 0 else None,
-                }
+                clock.lap("tissue_s")
+                _compute(ctx, layout, resumed, executor, progress)
+                clock.lap("inference_s")
+                results, regions = _write_outputs(ctx, layout)
+                clock.lap("finalize_s")
                 summary = build_summary(SummaryInputs(
                     sid, model, classifier.class_names, settings.analysis, layout.grid, slide, results,
-                    layout.mask, settings.engine, resolve_device(settings.engine.device), timings, regions,
+                    layout.mask, settings.engine, resolve_device(settings.engine.device),
+                    clock.timings(layout.pending_tiles), regions,
                 ))
                 _seal(plan.folder, plan.key, sid, model, summary)
-                rate = timings["tiles_per_s"]
                 return SlideOutcome(
-                    sid, "done", plan.folder.path, len(layout.grid),
-                    tiles_per_s=float(rate) if rate is not None else None,
+                    sid, "done", plan.folder.path, len(layout.grid), tiles_per_s=clock.tiles_per_s,
                     chunks_computed=len(layout.pending), chunks_total=len(layout.tasks),
                     mpp=slide.mpp, model=model.ref,
                 )

@@ -15,7 +15,7 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, SupportsFloat, SupportsIndex, SupportsInt, get_args, runtime_checkable
 
 import numpy as np
 
@@ -32,7 +32,7 @@ __all__ = ["BackendName", "SlideBackend", "open_backend", "BACKEND_NAMES", "SLID
 _log = logging.getLogger(__name__)
 
 BackendName = Literal["auto", "openslide", "tiffslide"]
-BACKEND_NAMES: tuple[str, ...] = ("auto", "openslide", "tiffslide")
+BACKEND_NAMES: tuple[BackendName, ...] = get_args(BackendName)
 SLIDE_SUFFIXES = frozenset({
     ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".tif", ".tiff", ".vms", ".vmu", ".svslide", ".dcm",
 })
@@ -59,7 +59,8 @@ _TIFF_ERRORS: tuple[type[BaseException], ...] = (
 class SlideBackend(Protocol):
     """Raw access to one open slide. All coordinates are (x, y) at level 0."""
 
-    name: str
+    name: BackendName
+    """The backend that opened the slide ("openslide" or "tiffslide", never "auto")."""
     level_dimensions: tuple[tuple[int, int], ...]
     """(width, height) of each pyramid level, finest first."""
     level_downsamples: tuple[float, ...]
@@ -88,8 +89,10 @@ def _scrub(message: str, path: Path) -> str:
 
 
 def _int_or_none(value: object) -> int | None:
+    if not isinstance(value, (str, bytes, SupportsInt, SupportsIndex)):
+        return None  # absent (None), or nothing int() accepts
     try:
-        return int(value)  # type: ignore[call-overload, no-any-return]
+        return int(value)
     except (TypeError, ValueError):
         return None
 
@@ -102,7 +105,7 @@ def _check_geometry(
     """Refuse pyramid geometry no real slide has, before anything is read or allocated from it."""
     if not dimensions or len(downsamples) != len(dimensions):
         raise CorruptSlideError("the slide has no readable pyramid levels")
-    for level, ((w, h), ds) in enumerate(zip(dimensions, downsamples)):
+    for level, ((w, h), ds) in enumerate(zip(dimensions, downsamples, strict=True)):
         if not (1 <= w <= MAX_SIDE_PX and 1 <= h <= MAX_SIDE_PX):
             raise CorruptSlideError(f"level {level} claims an implausible size of {w} x {h} px")
         if not (math.isfinite(ds) and ds >= 0.999):
@@ -115,8 +118,10 @@ def _check_geometry(
 
 
 def _float_or_none(value: object) -> float | None:
+    if not isinstance(value, (str, bytes, SupportsFloat, SupportsIndex)):
+        return None  # absent (None), or nothing float() accepts
     try:
-        result = float(value)  # type: ignore[arg-type]
+        result = float(value)
     except (TypeError, ValueError):
         return None
     return result if np.isfinite(result) else None
@@ -142,7 +147,7 @@ def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
 class _OpenSlideBackend:
     """OpenSlide 4 (SVS, NDPI, MIRAX, SCN, BIF, Philips TIFF, tiled TIFF, DICOM-WSI)."""
 
-    name = "openslide"
+    name: BackendName = "openslide"
 
     def __init__(self, path: Path) -> None:
         import openslide  # imported here so tiffslide-only use never loads the C library
@@ -151,7 +156,7 @@ class _OpenSlideBackend:
         self._path = path
         self._slide = openslide.OpenSlide(str(path))
         props = self._slide.properties
-        self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)  # type: ignore[misc]
+        self.level_dimensions = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
         self.metadata_mpp = (
             _float_or_none(props.get("openslide.mpp-x")),
@@ -201,7 +206,7 @@ class _OpenSlideBackend:
 class _TiffSlideBackend:
     """tiffslide (pure Python, tifffile + imagecodecs): TIFF variants OpenSlide refuses."""
 
-    name = "tiffslide"
+    name: BackendName = "tiffslide"
 
     def __init__(self, path: Path) -> None:
         import tiffslide
@@ -216,7 +221,7 @@ class _TiffSlideBackend:
 
     def _describe(self) -> None:
         props = self._slide.properties
-        self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)  # type: ignore[misc]
+        self.level_dimensions = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
         self.metadata_mpp = (
             _float_or_none(props.get("tiffslide.mpp-x")),
@@ -247,7 +252,7 @@ class _TiffSlideBackend:
             return out
         try:
             part = self._slide.read_region(
-                (int(round(x0 * ds)), int(round(y0 * ds))), level, (x1 - x0, y1 - y0), as_array=True
+                (round(x0 * ds), round(y0 * ds)), level, (x1 - x0, y1 - y0), as_array=True
             )
         except _TIFF_ERRORS as exc:
             raise CorruptSlideError(
@@ -344,7 +349,7 @@ def is_dicom_folder(folder: Path) -> bool:
         return False
     # Most likely DICOM first: *.dcm, then files without a suffix, then the rest.
     order = {".dcm": 0, "": 1}
-    candidates = sorted(zip(suffixes, files), key=lambda pair: (order.get(pair[0], 2), pair[1].name))
+    candidates = sorted(zip(suffixes, files, strict=True), key=lambda pair: (order.get(pair[0], 2), pair[1].name))
     return any(_is_wsi_dicom_file(path) for _, path in candidates)
 
 
@@ -385,8 +390,8 @@ def _check_tiff_layout(path: Path) -> None:
     try:
         with tifffile.TiffFile(path) as tif:
             for page in tif.pages:
-                offsets = np.asarray(page.dataoffsets, dtype=np.uint64)  # type: ignore[union-attr]
-                counts = np.asarray(page.databytecounts, dtype=np.uint64)  # type: ignore[union-attr]
+                offsets = np.asarray(page.dataoffsets, dtype=np.uint64)
+                counts = np.asarray(page.databytecounts, dtype=np.uint64)
                 if len(offsets) == len(counts):
                     outside = outside or bool(((counts > size) | (offsets + counts > size)).any())
     except _TIFF_ERRORS:

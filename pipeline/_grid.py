@@ -129,13 +129,13 @@ def _count(extent: float, tile: float, stride: float, edge: EdgeMode) -> int:
     if edge == "drop":
         if tile > extent * (1 + _EPS):
             return 0
-        return int(math.floor((extent - tile) / stride + _EPS)) + 1
+        return math.floor((extent - tile) / stride + _EPS) + 1
     if tile >= extent * (1 - _EPS):
         return 1
     # Enough tiles to reach the edge, but no tile may start at or beyond it (this
     # matters when the stride is larger than the tile).
-    to_cover = int(math.ceil((extent - tile) / stride - _EPS)) + 1
-    starting_inside = int(math.ceil(extent / stride - _EPS))
+    to_cover = math.ceil((extent - tile) / stride - _EPS) + 1
+    starting_inside = math.ceil(extent / stride - _EPS)
     return min(to_cover, starting_inside)
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from ._backend import BackendName, open_backend
 from ._errors import WsiflowError
 from ._grid import GridSpec, make_tile_grid
-from ._mpp import MppPolicy, MppResolution
 from ._identity import identify_slide
+from ._mpp import MppPolicy, MppResolution
 from ._slide import Slide, SlideInfo, backend_mpp, slide_info
 from ._tissue import TissueParams, detect_tissue
 

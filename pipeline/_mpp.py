@@ -186,8 +186,8 @@ def resolve_mpp(
             declined = declined or name
             continue
         return MppResolution(override.mpp_x, override.mpp_y, "config", meta_x, meta_y, name)
-    if meta_ok:
-        return MppResolution(float(meta_x), float(meta_y), "metadata", meta_x, meta_y, declined=declined)  # type: ignore[arg-type]
+    if meta_ok and meta_x is not None and meta_y is not None:  # meta_ok implies both are set
+        return MppResolution(float(meta_x), float(meta_y), "metadata", meta_x, meta_y, declined=declined)
     if meta_x is None or meta_y is None:
         problem = "the slide metadata has no µm/px"
     else:

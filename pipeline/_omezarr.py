@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -37,7 +37,7 @@ class HeatmapGeometry:
     """tile_size_px x target_mpp / 2: the centre of the first tile."""
 
 
-def _open_group(path: Path, mode: str) -> Any:
+def _open_group(path: Path, mode: Literal["r", "r+", "w"]) -> Any:
     import zarr
 
     return zarr.open_group(str(path), mode=mode, zarr_format=3)
@@ -144,18 +144,20 @@ def finalize_heatmap(
         n_levels += 1
     group.attrs["ome"] = {
         "version": "0.5",
-        "multiscales": [multiscale_metadata("heatmap", ("c", "y", "x"), n_levels, geometry.spacing_um, geometry.origin_um)],
+        "multiscales": [
+            multiscale_metadata("heatmap", ("c", "y", "x"), n_levels, geometry.spacing_um, geometry.origin_um)
+        ],
         "omero": {
             "channels": [
                 {"label": n, "color": c.lstrip("#").upper(), "active": True,
                  "window": {"start": 0.0, "end": 1.0, "min": 0.0, "max": 1.0}}
-                for n, c in zip(class_names, class_colors)
+                for n, c in zip(class_names, class_colors, strict=False)
             ],
             "rdefs": {"model": "color"},
         },
     }
     group.attrs["wsiflow"] = {
-        "classes": [{"name": n, "color": c} for n, c in zip(class_names, class_colors)],
+        "classes": [{"name": n, "color": c} for n, c in zip(class_names, class_colors, strict=False)],
         "values": "class probability per tile, 0-1",
         **extra,
     }
@@ -169,7 +171,8 @@ def write_mask_image(path: Path, mask: np.ndarray, mpp_um: float) -> int:
     n_levels = 0
     while True:
         cell = min(512, max(level.shape))
-        group.create_array(str(n_levels), shape=level.shape, chunks=(cell, cell), dtype="uint8", fill_value=0)[...] = level
+        array = group.create_array(str(n_levels), shape=level.shape, chunks=(cell, cell), dtype="uint8", fill_value=0)
+        array[...] = level
         n_levels += 1
         if max(level.shape) <= 256:
             break

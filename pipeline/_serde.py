@@ -11,13 +11,16 @@ from __future__ import annotations
 import dataclasses
 import types
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from ._errors import ConfigError
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 __all__ = ["to_data", "from_data"]
 
-T = TypeVar("T")
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def to_data(value: object) -> Any:
@@ -71,8 +74,8 @@ def _convert(tp: Any, data: Any, where: str) -> Any:
             return tuple(_convert(args[0], item, f"{where}[{i}]") for i, item in enumerate(data))
         if len(data) != len(args):
             raise ConfigError(f"{where} must have {len(args)} values, got {len(data)}")
-        return tuple(_convert(a, item, f"{where}[{i}]") for i, (a, item) in enumerate(zip(args, data)))
-    if dataclasses.is_dataclass(tp):
+        return tuple(_convert(a, item, f"{where}[{i}]") for i, (a, item) in enumerate(zip(args, data, strict=True)))
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_data(tp, data, where=where)
     if tp is Path:
         if not isinstance(data, str):
@@ -110,7 +113,7 @@ def from_data(cls: type[T], data: object, *, where: str = "settings") -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(
@@ -118,7 +121,7 @@ def from_data(cls: type[T], data: object, *, where: str = "settings") -> T:
             hint=f"allowed keys: {', '.join(sorted(names))}",
         )
     has_default = {
-        f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        f.name for f in dataclasses.fields(cls)
         if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
     }
     kwargs = {

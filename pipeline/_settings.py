@@ -95,7 +95,7 @@ class AnalysisParams:
             raise ConfigError(f"hotspots = {self.hotspots} must be 0 or more")
 
     def to_json(self) -> dict[str, Any]:
-        return to_data(self)  # type: ignore[no-any-return]
+        return to_data(self)
 
 
 def analysis_digest(
@@ -136,7 +136,7 @@ class RunSettings:
     """Recompute even when a complete result with the same run key exists."""
 
     def to_json(self) -> dict[str, Any]:
-        return to_data(self)  # type: ignore[no-any-return]
+        return to_data(self)
 
     @classmethod
     def from_json(cls, data: object) -> RunSettings:

@@ -50,7 +50,7 @@ class SlideInfo:
     metadata_mpp_y: float | None
     objective_power: float | None
     vendor: str | None
-    backend: str
+    backend: BackendName
     native_tile_size: tuple[int, int] | None
 
 

@@ -43,7 +43,9 @@ def _hotspots(inputs: SummaryInputs) -> dict[str, list[dict[str, Any]]]:
     cx, cy = results.centre_um()
     hotspots = {}
     for i, name in enumerate(inputs.class_names):
-        order = np.argsort(-results.probabilities[:, i], kind="stable")[: inputs.params.hotspots] if n else []
+        order: np.ndarray | list[int] = (
+            np.argsort(-results.probabilities[:, i], kind="stable")[: inputs.params.hotspots] if n else []
+        )
         hotspots[name] = [
             {"row": int(results.rows[k]), "col": int(results.cols[k]), "x_um": round(float(cx[k]), 2),
              "y_um": round(float(cy[k]), 2), "probability": round(float(results.probabilities[k, i]), 6)}

@@ -107,11 +107,16 @@ def write_geojson(
         cls = int(results.predicted[k])
         features.append({
             "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x0 + w, y0], [x0 + w, y0 + h], [x0, y0 + h], [x0, y0]]]},
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [[[x0, y0], [x0 + w, y0], [x0 + w, y0 + h], [x0, y0 + h], [x0, y0]]],
+            },
             "properties": {
                 "objectType": "detection",
                 "classification": {"name": results.class_names[cls], "color": _hex_to_rgb(class_colors[cls])},
-                "measurements": {f"prob_{n}": round(float(results.probabilities[k, i]), 6) for i, n in enumerate(results.class_names)},
+                "measurements": {
+                    f"prob_{n}": round(float(results.probabilities[k, i]), 6) for i, n in enumerate(results.class_names)
+                },
             },
         })
     regions = 0

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,7 @@ def audit_event(
                 seq, prev = head[0] + 1, head[1]
             body: dict[str, Any] = {
                 "seq": seq,
-                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
                 "actor": _actor(),
                 "action": action,
                 "slide_id": slide_id,

@@ -69,6 +69,23 @@ def test_missing_mpp_then_override(wsiflow_cli):
     assert "OVERRIDE --mpp" in human.stdout
 
 
+def test_mpp_is_not_applied_to_a_slide_with_valid_metadata_unless_forced(wsiflow_cli, cmu_svs):
+    kept = _run(wsiflow_cli, "inspect", "--json", "--mpp", "0.25", cmu_svs)
+    assert kept.returncode == 0, kept.stderr
+    (entry,) = json.loads(kept.stdout)
+    assert entry["mpp_x"] == pytest.approx(0.499) and entry["mpp_source"] == "metadata"
+    assert entry["mpp_override"] is None
+    human = _run(wsiflow_cli, "inspect", "--mpp", "0.25", cmu_svs)
+    assert "(slide metadata)" in human.stdout and "--mpp not applied" in human.stdout
+    forced = _run(wsiflow_cli, "inspect", "--json", "--mpp", "0.25", "--mpp-force", cmu_svs)
+    assert forced.returncode == 0, forced.stderr
+    (entry,) = json.loads(forced.stdout)
+    assert (entry["mpp_x"], entry["mpp_source"], entry["mpp_override"]) == (0.25, "cli", "--mpp-force")
+    assert entry["metadata_mpp_x"] == pytest.approx(0.499)
+    alone = _run(wsiflow_cli, "inspect", "--mpp-force", cmu_svs)
+    assert alone.returncode == 2 and "--mpp-force" in alone.stderr
+
+
 def test_one_line_per_bad_file_and_the_good_one_still_reported(wsiflow_cli, cmu_svs):
     bad = [shared_file(f"bad/{name}") for name in ("not-a-tiff.svs", "unopenable-unknown-compression.tiff", "unreadable-corrupt-tile.svs", "incomplete-dicom-frames.dcm")]
     result = _run(wsiflow_cli, "inspect", "--json", *bad, "/nonexistent/slide.svs", cmu_svs)

@@ -51,8 +51,9 @@ def test_cli_value_with_force_replaces_valid_metadata_and_is_recorded_with_it():
 def test_cli_value_applies_when_metadata_is_missing_or_implausible(meta, force):
     r = _resolve(meta, MppPolicy(cli_mpp=(0.3, 0.31), force=force))
     assert (r.mpp_x, r.mpp_y, r.source, r.declined) == (0.3, 0.31, "cli", None)
-    assert r.override == ("--mpp-force" if force else "--mpp")
-    assert r.is_override and "the slide has no µm/px" in r.describe() or "metadata said" in r.describe()
+    assert r.override == "--mpp"  # applied because the metadata lacks it: forcing changed nothing
+    assert r.is_override and "OVERRIDE --mpp" in r.describe()
+    assert [str(v) for v in (r.metadata_mpp_x, r.metadata_mpp_y)] == [str(v) for v in meta]  # recorded as given
 
 
 def test_cli_value_beats_config_overrides_when_metadata_is_missing():

@@ -6,7 +6,15 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline import SLIDE_SUFFIXES, ResultFolder, WsiflowError, identify_slide, is_dicom_folder, open_slide, site_secret
+from pipeline import (
+    SLIDE_SUFFIXES,
+    ResultFolder,
+    WsiflowError,
+    identify_slide,
+    is_dicom_folder,
+    open_slide,
+    site_secret,
+)
 from privacy import audit_event
 
 from ._layers import LayerData, open_result_slide, result_layers, slide_layer

@@ -9,7 +9,7 @@ from __future__ import annotations
 import getpass
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ def default_reviewer() -> str:
 
 def save_review(info: ResultInfo, shapes: list[ReviewedShape], reviewer: str) -> Path:
     """Write ``review.geojson`` beside the result (atomically); its path."""
-    now = datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    now = datetime.now(UTC).replace(microsecond=0).isoformat()
     features = []
     for shape in shapes:
         if shape.decision not in DECISIONS:
@@ -75,7 +75,11 @@ def save_review(info: ResultInfo, shapes: list[ReviewedShape], reviewer: str) ->
         ring = [[float(x / info.mpp_x), float(y / info.mpp_y)] for y, x in shape.vertices_um]
         if ring and ring[0] != ring[-1]:
             ring.append(ring[0])
-        colour = info.class_colors[info.class_names.index(shape.class_name)] if shape.class_name in info.class_names else "#808080"
+        colour = (
+            info.class_colors[info.class_names.index(shape.class_name)]
+            if shape.class_name in info.class_names
+            else "#808080"
+        )
         features.append({
             "type": "Feature",
             "geometry": {"type": "Polygon", "coordinates": [ring]},

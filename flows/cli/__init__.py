@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pipeline import ConfigError, WsiflowError, apply_offline_env
 
+from .._config import load_config
 from ._audit import add_audit_parser, run_audit
 from ._batch import add_batch_parser, run_batch_command
 from ._common import EXIT_FAILED, EXIT_USAGE
@@ -28,9 +29,8 @@ from ._inspect import add_inspect_parser, run_inspect
 from ._models import add_models_parser, run_models
 from ._run import add_run_parser, run_run
 from ._serve import add_serve_parser, add_server_parser, run_serve, run_server
-from ._view import add_view_parser, run_view
 from ._train import add_train_parser, add_validate_parser, run_train, run_validate
-from .._config import load_config
+from ._view import add_view_parser, run_view
 
 __all__ = ["main", "build_parser"]
 

@@ -7,8 +7,8 @@ import json
 
 from privacy import audit_log_path, read_audit_log, verify_audit_log
 
-from ._common import EXIT_FAILED, EXIT_OK
 from .._config import WsiflowConfig
+from ._common import EXIT_FAILED, EXIT_OK
 
 __all__ = ["add_audit_parser", "run_audit"]
 

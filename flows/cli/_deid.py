@@ -11,8 +11,8 @@ from pathlib import Path
 from pipeline import WsiflowError, identify_slide, site_secret
 from privacy import audit_event, deidentify_slide
 
-from ._common import EXIT_FAILED, EXIT_OK
 from .._config import WsiflowConfig
+from ._common import EXIT_FAILED, EXIT_OK
 
 __all__ = ["add_deid_parser", "run_deid"]
 

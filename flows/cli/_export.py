@@ -16,8 +16,8 @@ from typing import Any
 from pipeline import NotAResultError, OutputError, ResultFolder
 from privacy import audit_event
 
-from ._common import EXIT_OK
 from .._config import WsiflowConfig
+from ._common import EXIT_OK
 
 __all__ = ["add_export_parser", "run_export", "export_result"]
 
@@ -28,11 +28,14 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
         help="copy a result's tables, GeoJSON and review out for sharing (audited)",
         description=(
             "Copy a complete result's summary, tile table, class-region GeoJSON and reviewed annotations "
-            "to OUT/<slide id>-<model>-v<version>-<digest>/ for a collaborator or QuPath. Reviewers' free-text comments and "
+            "to OUT/<slide id>-<model>-v<version>-<digest>/ for a collaborator or QuPath. "
+            "Reviewers' free-text comments and "
             "names are left out unless asked for: a comment typed during review may name a patient."
         ),
     )
-    export.add_argument("result", type=Path, metavar="RESULT_DIR", help="OUT/<slide id>/<model>/ (its latest) or one result folder")
+    export.add_argument(
+        "result", type=Path, metavar="RESULT_DIR", help="OUT/<slide id>/<model>/ (its latest) or one result folder"
+    )
     export.add_argument("--out", type=Path, required=True, metavar="DIR")
     export.add_argument("--keep-comments", action="store_true", help="keep review comments and reviewer names")
     export.add_argument("--json", action="store_true")

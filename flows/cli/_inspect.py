@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import os
+import sys
 
 from models import Registry
 from pipeline import (
@@ -45,10 +45,14 @@ def add_inspect_parser(commands: argparse._SubParsersAction) -> None:
     inspect.add_argument("--model", metavar="NAME[@VERSION]",
                          help="lay the grid as this model would (default: config models.default)")
     inspect.add_argument("--backend", choices=BACKEND_NAMES, help="slide reader (default: config, else auto)")
-    inspect.add_argument("--tile-size", type=positive_int, metavar="PX", help="tile size in pixels at --target-mpp (default: the model's)")
-    inspect.add_argument("--target-mpp", type=float, metavar="MPP", help="µm/px the tiles are read at (default: the model's)")
-    inspect.add_argument("--stride", type=positive_int, metavar="PX", help="step between tiles in pixels (default: tile size)")
-    inspect.add_argument("--min-tissue-fraction", type=float, metavar="F", help="keep tiles with at least this tissue fraction")
+    inspect.add_argument("--tile-size", type=positive_int, metavar="PX",
+                         help="tile size in pixels at --target-mpp (default: the model's)")
+    inspect.add_argument("--target-mpp", type=float, metavar="MPP",
+                         help="µm/px the tiles are read at (default: the model's)")
+    inspect.add_argument("--stride", type=positive_int, metavar="PX",
+                         help="step between tiles in pixels (default: tile size)")
+    inspect.add_argument("--min-tissue-fraction", type=float, metavar="F",
+                         help="keep tiles with at least this tissue fraction")
     inspect.add_argument("--edge", choices=("pad", "drop"), help="keep (pad) or drop partial edge tiles")
     inspect.add_argument(
         "--show-paths", action="store_true",
@@ -67,7 +71,9 @@ def _grid(config: WsiflowConfig, args: argparse.Namespace) -> GridSpec:
     return GridSpec(
         tile_size_px=tile, target_mpp=mpp,
         stride_px=args.stride if args.stride is not None else grid.stride_px,
-        min_tissue_fraction=args.min_tissue_fraction if args.min_tissue_fraction is not None else grid.min_tissue_fraction,
+        min_tissue_fraction=(
+            args.min_tissue_fraction if args.min_tissue_fraction is not None else grid.min_tissue_fraction
+        ),
         edge=args.edge or grid.edge,
     )
 

@@ -12,8 +12,8 @@ from models import ModelEntry, Registry, import_model, load_model_from_dir, load
 from pipeline import WsiflowError, classify_tiles
 from privacy import audit_event
 
-from ._common import EXIT_FAILED, EXIT_OK
 from .._config import WsiflowConfig
+from ._common import EXIT_FAILED, EXIT_OK
 
 __all__ = ["add_models_parser", "run_models", "registry_for"]
 
@@ -23,7 +23,11 @@ def registry_for(config: WsiflowConfig) -> Registry:
 
 
 def add_models_parser(commands: argparse._SubParsersAction) -> None:
-    models = commands.add_parser("models", help="the local model registry", description="Manage the local model registry (bundled and site models).")
+    models = commands.add_parser(
+        "models",
+        help="the local model registry",
+        description="Manage the local model registry (bundled and site models).",
+    )
     sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     ls = sub.add_parser("list", help="every model version")
     ls.add_argument("--json", action="store_true")
@@ -33,7 +37,9 @@ def add_models_parser(commands: argparse._SubParsersAction) -> None:
     verify = sub.add_parser("verify", help="check weights against their pinned sha256 (all models by default)")
     verify.add_argument("model", nargs="*", metavar="NAME[@VERSION]")
     verify.add_argument("--json", action="store_true")
-    imp = sub.add_parser("import", help="add a model folder, .safetensors, or (converted) checkpoint to the site registry")
+    imp = sub.add_parser(
+        "import", help="add a model folder, .safetensors, or (converted) checkpoint to the site registry"
+    )
     imp.add_argument("source", type=Path, metavar="SOURCE")
     imp.add_argument("--manifest", type=Path, help="manifest JSON describing bare weights")
     imp.add_argument(
@@ -43,7 +49,9 @@ def add_models_parser(commands: argparse._SubParsersAction) -> None:
     imp.add_argument("--json", action="store_true")
     rm = sub.add_parser("remove", help="delete a site model version")
     rm.add_argument("model", metavar="NAME@VERSION")
-    promote = sub.add_parser("promote", help="make a validated version the default (acceptance thresholds from the config)")
+    promote = sub.add_parser(
+        "promote", help="make a validated version the default (acceptance thresholds from the config)"
+    )
     promote.add_argument("model", metavar="NAME@VERSION")
     promote.add_argument("--json", action="store_true")
     predict = sub.add_parser("predict", help="classify a few patch images (PNG/JPEG)")
@@ -124,7 +132,9 @@ def _verify(registry: Registry, args: argparse.Namespace) -> int:
     for entry in entries:
         try:
             load_model_from_dir(entry.manifest, entry.directory)  # sha256 first, then a strict load
-            results.append({"ref": entry.manifest.ref, "ok": True, "sha256": entry.manifest.weights_sha256, "error": None})
+            results.append(
+                {"ref": entry.manifest.ref, "ok": True, "sha256": entry.manifest.weights_sha256, "error": None}
+            )
             audit_event("model-verify", model_digest=entry.manifest.weights_sha256, params={"ref": entry.manifest.ref})
         except WsiflowError as exc:
             audit_event("model-verify", model_digest=entry.manifest.weights_sha256, params={"ref": entry.manifest.ref},
@@ -198,11 +208,11 @@ def _predict(registry: Registry, args: argparse.Namespace) -> int:
             print(f"{image}: error {exc.one_line()}", file=sys.stderr)
     if tiles:
         probabilities = classify_tiles(model, tiles)
-        for name, p in zip(names, probabilities):
+        for name, p in zip(names, probabilities, strict=True):
             rows.append({
                 "image": name,
                 "class": model.class_names[int(p.argmax())],
-                "probabilities": {c: round(float(v), 6) for c, v in zip(model.class_names, p)},
+                "probabilities": {c: round(float(v), 6) for c, v in zip(model.class_names, p, strict=True)},
                 "error": None,
             })
     order = {str(p): i for i, p in enumerate(args.images)}

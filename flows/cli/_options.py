@@ -39,15 +39,19 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
     mpp.add_argument("--mpp-force", action="store_true",
                      help="apply --mpp also to slides whose metadata has a valid µm/px")
     grid = parser.add_argument_group("grid and results (default: config)")
-    grid.add_argument("--stride", type=positive_int, metavar="PX", help="step between tiles at the model's µm/px (default: tile size)")
+    grid.add_argument("--stride", type=positive_int, metavar="PX",
+                      help="step between tiles at the model's µm/px (default: tile size)")
     grid.add_argument("--min-tissue-fraction", type=float, metavar="F", help="keep tiles with at least this tissue")
     grid.add_argument("--edge", choices=("pad", "drop"), help="partial edge tiles")
-    grid.add_argument("--chunk-cells", type=positive_int, metavar="N", help="heatmap block edge in tiles: unit of work/resume")
-    grid.add_argument("--overview-class", metavar="CLASS", help="class shown in overview.png (default: the second class)")
+    grid.add_argument("--chunk-cells", type=positive_int, metavar="N",
+                      help="heatmap block edge in tiles: unit of work/resume")
+    grid.add_argument("--overview-class", metavar="CLASS",
+                      help="class shown in overview.png (default: the second class)")
     engine = parser.add_argument_group("engine (default: config)")
     engine.add_argument("--device", choices=("auto", "cpu", "cuda"))
     engine.add_argument("--batch-size", type=positive_int, metavar="N")
-    engine.add_argument("--readers", type=positive_int, metavar="N", help="tile reader threads (default: cores, 2 to 8)")
+    engine.add_argument("--readers", type=positive_int, metavar="N",
+                        help="tile reader threads (default: cores, 2 to 8)")
     where = parser.add_argument_group("where it runs (default: config)")
     where.add_argument("--backend", choices=BACKEND_NAMES, help="slide reader")
     where.add_argument("--dask-address", metavar="tcp://HOST:PORT", help="run chunks on this existing Dask scheduler")
@@ -70,7 +74,10 @@ def build_run_settings(config: WsiflowConfig, args: argparse.Namespace) -> RunSe
     analysis = AnalysisParams(
         grid=grid,
         tissue=config.tissue,
-        **{**vars(config.analysis), **_given(chunk_cells=option("chunk_cells"), overview_class=option("overview_class"))},
+        **{
+            **vars(config.analysis),
+            **_given(chunk_cells=option("chunk_cells"), overview_class=option("overview_class")),
+        },
     )
     engine = replace(config.engine, **_given(batch_size=option("batch_size"), readers=option("readers"),
                                              device=option("device")))

@@ -40,7 +40,9 @@ def add_server_parser(commands: argparse._SubParsersAction) -> None:
     server = commands.add_parser(
         "server",
         help="start a local Prefect server (analytics off, 127.0.0.1 by default)",
-        description="Start the Prefect server and UI for wsiflow runs. Set PREFECT_API_URL=http://HOST:PORT/api for clients.",
+        description=(
+            "Start the Prefect server and UI for wsiflow runs. Set PREFECT_API_URL=http://HOST:PORT/api for clients."
+        ),
     )
     server.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     server.add_argument("--port", type=int, default=4200)

@@ -9,9 +9,9 @@ from pathlib import Path
 from models import TrainSettings, annotated_dataset, finetune, labelled_patch_folder, validate_arrays
 from pipeline import ConfigError, MppPolicy
 
+from .._config import WsiflowConfig
 from ._common import EXIT_OK, mpp_arg
 from ._models import registry_for
-from .._config import WsiflowConfig
 
 __all__ = ["add_train_parser", "add_validate_parser", "run_train", "run_validate"]
 
@@ -27,7 +27,8 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         ),
     )
     train.add_argument("--slides", nargs="+", type=Path, required=True, metavar="SLIDE")
-    train.add_argument("--annotations", nargs="+", type=Path, required=True, metavar="GEOJSON", help="one per slide, same order")
+    train.add_argument("--annotations", nargs="+", type=Path, required=True, metavar="GEOJSON",
+                       help="one per slide, same order")
     train.add_argument("--base", metavar="MODEL", help="model to start from (default: the config's models.default)")
     train.add_argument("--name", required=True, help="name of the new model (a new version if it exists)")
     train.add_argument("--classes", help="comma-separated classes for a new head (default: the base model's)")
@@ -43,7 +44,9 @@ def add_validate_parser(commands: argparse._SubParsersAction) -> None:
     validate = commands.add_parser(
         "validate",
         help="measure a model on labelled patches or annotated slides; write a report",
-        description="Accuracy, balanced accuracy, per-class precision/recall/F1, confusion matrix and calibration (ECE).",
+        description=(
+            "Accuracy, balanced accuracy, per-class precision/recall/F1, confusion matrix and calibration (ECE)."
+        ),
     )
     validate.add_argument("model", metavar="NAME[@VERSION]")
     source = validate.add_mutually_exclusive_group(required=True)
@@ -51,10 +54,12 @@ def add_validate_parser(commands: argparse._SubParsersAction) -> None:
     source.add_argument("--slides", nargs="+", type=Path, metavar="SLIDE")
     validate.add_argument("--annotations", nargs="+", type=Path, metavar="GEOJSON", help="with --slides: one per slide")
     validate.add_argument("--per-class", type=int, default=200, help="with --slides: patches sampled per class")
-    validate.add_argument("--mpp", type=float, help="µm/px of the patch images, or of the slides (default: model's / metadata)")
+    validate.add_argument("--mpp", type=float,
+                          help="µm/px of the patch images, or of the slides (default: model's / metadata)")
     validate.add_argument("--seed", type=int, default=0)
     validate.add_argument("--out", type=Path, help="report folder (default: ./validation-NAME-VERSION)")
-    validate.add_argument("--record", action="store_true", help="store the metrics in the (site) model's manifest, for promote")
+    validate.add_argument("--record", action="store_true",
+                          help="store the metrics in the (site) model's manifest, for promote")
     validate.add_argument("--json", action="store_true")
 
 
@@ -65,7 +70,9 @@ def run_train(args: argparse.Namespace, config: WsiflowConfig) -> int:
     if classes is not None and (len(classes) < 2 or len(set(classes)) != len(classes) or not all(classes)):
         raise ConfigError(f"--classes {args.classes!r} must name at least two distinct classes")
     policy = MppPolicy(cli_mpp=args.mpp, overrides=config.mpp_overrides)
-    settings = TrainSettings(epochs=args.epochs, learning_rate=args.learning_rate, seed=args.seed, progress=not args.json)
+    settings = TrainSettings(
+        epochs=args.epochs, learning_rate=args.learning_rate, seed=args.seed, progress=not args.json
+    )
     version = registry.next_version(args.name)
     manifest, weights, history = finetune(
         base, name=args.name, version=version, slides=args.slides, annotations=args.annotations,
@@ -76,7 +83,11 @@ def run_train(args: argparse.Namespace, config: WsiflowConfig) -> int:
         "ref": entry.manifest.ref,
         "parent": manifest.lineage.parent,
         "sha256": manifest.weights_sha256,
-        "epochs": [{"epoch": h.epoch, "loss": round(h.loss, 4), "accuracy": round(h.accuracy, 4), "tiles_per_s": round(h.tiles_per_s, 1)} for h in history],
+        "epochs": [
+            {"epoch": h.epoch, "loss": round(h.loss, 4), "accuracy": round(h.accuracy, 4),
+             "tiles_per_s": round(h.tiles_per_s, 1)}
+            for h in history
+        ],
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -108,13 +119,14 @@ def run_validate(args: argparse.Namespace, config: WsiflowConfig) -> int:
     if args.record:
         registry.record_validation(entry, validation)
     if args.json:
-        print(json.dumps({"ref": entry.manifest.ref, "metrics": metrics, "report": {k: str(v) for k, v in paths.items()},
-                          "recorded": args.record}, indent=2))
+        print(json.dumps({"ref": entry.manifest.ref, "metrics": metrics,
+                          "report": {k: str(v) for k, v in paths.items()}, "recorded": args.record}, indent=2))
     else:
         print(f"{entry.manifest.ref} on {dataset}:")
         print(f"  accuracy {metrics['accuracy']:.3f}, balanced accuracy {metrics['balanced_accuracy']:.3f}, "
               f"macro F1 {metrics['macro_f1']:.3f}, ECE {metrics['ece']:.3f}")
         for name, c in metrics["per_class"].items():
-            print(f"  {name:<12} precision {c['precision']:.3f} recall {c['recall']:.3f} F1 {c['f1']:.3f} (n={c['support']})")
+            print(f"  {name:<12} precision {c['precision']:.3f} recall {c['recall']:.3f} F1 {c['f1']:.3f} "
+                  f"(n={c['support']})")
         print(f"  report: {paths['html']}" + ("  (recorded in the manifest)" if args.record else ""))
     return EXIT_OK

@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._common import EXIT_FAILED, EXIT_OK
 from pipeline import ResultFolder
 
 from .._config import WsiflowConfig
+from ._common import EXIT_FAILED, EXIT_OK
 
 __all__ = ["add_view_parser", "run_view"]
 
@@ -19,7 +19,8 @@ def add_view_parser(commands: argparse._SubParsersAction) -> None:
         "view",
         help="open a result folder or a slide in napari",
         description=(
-            "Open a wsiflow result folder (OUT/<slide id>/<model>/: its latest result, or one result folder) or a slide in napari: the slide as a "
+            "Open a wsiflow result folder (OUT/<slide id>/<model>/: its latest result, or one result folder) "
+            "or a slide in napari: the slide as a "
             "lazy multiscale image, one heatmap per class and the tissue mask, all in µm. A result's "
             "slide is found through this site's private slide index."
         ),
