@@ -9,6 +9,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PIP_INSTALL := $(PIP) install --quiet --disable-pip-version-check -c constraints.txt
 
+# The product packages: linted (ruff) and type-checked (mypy); tests/ and bench/ are not.
+PACKAGES := pipeline models flows viewer privacy
+
 SHARED_DATA ?= ../shared/data
 SAMPLE_DIR := .cache/sample
 SAMPLE := $(SAMPLE_DIR)/CMU-1-Small-Region.svs
@@ -26,11 +29,14 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup system-deps sample demo test model clean
+.PHONY: help setup system-deps sample demo lint types check test model clean
 
 help:
 	@echo "make demo   set up, fetch the sample slide, run wsiflow on it"
-	@echo "make test   set up (venv, system packages) and run the test suite"
+	@echo "make lint   ruff on $(PACKAGES)"
+	@echo "make types  mypy on $(PACKAGES)"
+	@echo "make check  lint, types and the fast tests (not marked slow; under 3 minutes on 2 cores)"
+	@echo "make test   set up (venv, system packages), lint, types and the full test suite (what CI runs)"
 	@echo "make model  retrain the bundled tissue-qc model (minutes; needs ../shared/data)"
 	@echo "make clean  remove the venv and caches"
 
@@ -84,11 +90,21 @@ demo: setup sample
 	$(VENV)/bin/wsiflow run $(SAMPLE) --out $(DEMO_OUT) --stride 112
 	@echo "== results are in $(DEMO_OUT)/<slide id>/tissue-qc/latest/ (overview.png, heatmap.ome.zarr, tiles.parquet, results.geojson, summary.json)"
 
-test: setup system-deps
+lint: setup
+	$(VENV)/bin/ruff check $(PACKAGES)
+
+types: setup
+	$(VENV)/bin/mypy $(PACKAGES)
+
+# Day-to-day: no system packages, no Prefect server, Dask cluster, napari or packaging runs.
+check: setup lint types
+	$(PY) -m pytest -m "not slow"
+
+test: setup system-deps lint types
 	$(PY) -m pytest
 
 model: setup
 	$(PY) -m models.train_tissue_qc --data $(SHARED_DATA)
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .hypothesis *.egg-info $(DEMO_OUT)
+	rm -rf $(VENV) .cache .pytest_cache .hypothesis .mypy_cache .ruff_cache *.egg-info $(DEMO_OUT)

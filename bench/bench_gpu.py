@@ -20,17 +20,18 @@ import numpy as np
 
 
 def main() -> int:
-    import timm
-    import torch
-
-    from pipeline import EngineSettings, Preprocessing, classify_stream
-
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--tiles", type=int, default=8192)
     parser.add_argument("--readers", type=int, default=8)
     args = parser.parse_args()
+
+    import timm
+    import torch
+
+    from pipeline import EngineSettings, Preprocessing, classify_stream
+
     if not torch.cuda.is_available():
         print("no CUDA GPU is usable here; run this on a GPU machine", file=sys.stderr)
         return 2

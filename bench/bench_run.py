@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a script (python bench/bench_run.py): find `bench` and the product
+    sys.path.insert(0, str(ROOT))
 
 
 def _tiles(slide_path: Path, count: int):
@@ -124,7 +126,7 @@ def run_and_measure(slide_path: Path, out: Path, readers: int) -> dict[str, floa
     # VmHWM (peak RSS of this process image) rather than ru_maxrss, which Linux carries
     # over from the forking parent across exec.
     code = (
-        "import re, sys; from flows import main; rc = main(sys.argv[1:]); "
+        "import re, sys; from flows.cli import main; rc = main(sys.argv[1:]); "
         "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
         "print('RSS', hwm, file=sys.stderr); sys.exit(rc)"
     )
@@ -136,7 +138,7 @@ def run_and_measure(slide_path: Path, out: Path, readers: int) -> dict[str, floa
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-2000:])
-    row = json.loads(result.stdout)[0]
+    (row,) = json.loads(result.stdout)["slides"]  # the run report (one document, see README)
     rss_kib = int(next(line.split()[1] for line in result.stderr.splitlines() if line.startswith("RSS")))
     summary = json.loads((Path(row["result_dir"]) / "summary.json").read_text())
     return {
@@ -150,9 +152,7 @@ def run_and_measure(slide_path: Path, out: Path, readers: int) -> dict[str, floa
 
 
 def main() -> None:
-    from bench._mosaic import write_mosaic_slide
-
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=32768, help="side of the 1x slide in level-0 px (32768 = 1.07 gigapixel)")
     parser.add_argument("--tissue", type=float, default=0.25, help="fraction of the slide covered by tissue islands")
     parser.add_argument("--readers", type=int, default=2)
@@ -160,6 +160,8 @@ def main() -> None:
     parser.add_argument("--source", type=Path, default=ROOT.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs")
     parser.add_argument("--skip-4x", action="store_true")
     args = parser.parse_args()
+    from bench._mosaic import write_mosaic_slide
+
     args.work.mkdir(parents=True, exist_ok=True)
     report: dict[str, object] = {
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),

@@ -22,6 +22,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a script (python bench/bench_viewer_open.py): find `bench`
+    sys.path.insert(0, str(ROOT))
+
+_CLI = "import sys; from flows.cli import main; sys.exit(main(sys.argv[1:]))"
 _TILE = 256
 
 
@@ -89,7 +93,7 @@ print(json.dumps({"plugin_discovery_s": round(t1 - t0, 2), "open_layers_s": roun
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=100_000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/wsiflow-bench-viewer"))
     parser.add_argument("--source", type=Path, default=ROOT.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs")
@@ -105,12 +109,12 @@ def main() -> None:
     env = {**os.environ, "WSIFLOW_HOME": str(args.work / "site")}
     start = time.perf_counter()
     run = subprocess.run(
-        [sys.executable, "-m", "flows._cli", "run", str(slide), "--out", str(args.work / "out"), "--json"],
+        [sys.executable, "-c", _CLI, "run", str(slide), "--out", str(args.work / "out"), "--json"],
         capture_output=True, text=True, env=env, cwd=ROOT,
     )
     if run.returncode != 0:
         raise SystemExit(run.stderr[-3000:])
-    row = json.loads(run.stdout)[0]
+    (row,) = json.loads(run.stdout)["slides"]  # the run report (one document, see README)
     report["analysis"] = {"tiles": row["tiles"], "status": row["status"], "wall_s": round(time.perf_counter() - start, 1)}
     opened = subprocess.run([sys.executable, "-c", _OPEN, row["result_dir"]], capture_output=True, text=True, env=env, cwd=ROOT)
     if opened.returncode != 0:

@@ -117,18 +117,18 @@ def _failed_row(index: int, name: str, model: str, message: str) -> dict[str, An
 def _build_flow() -> Any:
     from prefect import flow, task
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    from prefect.cache_policies import NO_CACHE
     from prefect.states import Completed, Failed
 
     analyse_task = task(
-        _analyse_one,
         name="analyse-slide",
         task_run_name="slide-{slide}",
         retries=2,
         retry_delay_seconds=[10, 60],
         retry_condition_fn=_retry_transient,
-        cache_policy=None,
+        cache_policy=NO_CACHE,
         log_prints=False,
-    )
+    )(_analyse_one)
 
     @flow(name="wsiflow-batch", flow_run_name="batch-{batch_id}", log_prints=False, validate_parameters=True)
     def batch_flow(batch_id: str) -> Any:

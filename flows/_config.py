@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsFloat, SupportsIndex
 
 import yaml
 
@@ -92,6 +92,13 @@ def default_config_text() -> str:
     return resources.files("configs").joinpath("default.yaml").read_text(encoding="utf-8")
 
 
+def _number(value: object) -> float:
+    """``float(value)``; TypeError for None and anything else float() does not take."""
+    if not isinstance(value, (str, bytes, SupportsFloat, SupportsIndex)):
+        raise TypeError(f"{type(value).__name__} is not a number")
+    return float(value)
+
+
 def _override(index: int, data: object) -> MppOverride:
     where = f"mpp_overrides[{index}]"
     if not isinstance(data, dict):
@@ -108,8 +115,8 @@ def _override(index: int, data: object) -> MppOverride:
     if "mpp" in data and ("mpp_x" in data or "mpp_y" in data):
         raise ConfigError(f"{where} gives both mpp and mpp_x/mpp_y", hint="give one form")
     try:
-        mpp_x = float(data.get("mpp_x", data.get("mpp")))  # type: ignore[arg-type]
-        mpp_y = float(data.get("mpp_y", data.get("mpp")))  # type: ignore[arg-type]
+        mpp_x = _number(data.get("mpp_x", data.get("mpp")))
+        mpp_y = _number(data.get("mpp_y", data.get("mpp")))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where} needs a numeric mpp (or mpp_x and mpp_y)", hint="e.g. mpp: 0.25") from exc
     force = data.get("force", False)

@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -19,6 +20,12 @@ from ._train import EpochStats, TrainSettings, train_module
 from ._weights import sha256_bytes, state_dict_to_safetensors
 
 __all__ = ["annotated_dataset", "finetune"]
+
+class _TimmClassifier(Protocol):
+    """What every timm model has beyond ``torch.nn.Module``: a replaceable classifier head."""
+
+    def reset_classifier(self, num_classes: int) -> None: ...
+
 
 _FALLBACK_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a65628", "#f781bf", "#999999")
 
@@ -72,7 +79,7 @@ def finetune(
     class_names = classes or base.class_names
     module = copy.deepcopy(base.module)
     if class_names != base.class_names:
-        module.reset_classifier(len(class_names))
+        cast(_TimmClassifier, module).reset_classifier(len(class_names))
     images, labels = annotated_dataset(
         slides, annotations, class_names, base, per_class, settings.seed, mpp_policy
     )

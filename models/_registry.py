@@ -102,7 +102,7 @@ class Registry:
 
     # -- reading ---------------------------------------------------------------------
     def _scan(self, root: Path, source: Literal["bundled", "site"]) -> list[ModelEntry]:
-        entries = []
+        entries: list[ModelEntry] = []
         if not root.is_dir():
             return entries
         for manifest_path in sorted(root.glob(f"*/*/{MANIFEST_NAME}")):

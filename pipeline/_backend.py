@@ -133,7 +133,7 @@ def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
     alpha = rgba[..., 3]
     if bool((alpha == 255).all()):
         return np.ascontiguousarray(rgb)
-    out = np.ascontiguousarray(rgb)
+    out = np.array(rgb, order="C")  # a copy: rgba may be read-only (PIL) and a 1x1 slice is already contiguous
     # Only partly transparent pixels need the arithmetic; regions outside the image or
     # missing tiles (alpha 0) are large and just become white.
     out[alpha == 0] = 255

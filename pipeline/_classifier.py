@@ -36,8 +36,17 @@ class Preprocessing:
 
 @runtime_checkable
 class PatchClassifier(Protocol):
-    """A torch module mapping normalised (n, 3, h, w) tiles to (n, classes) logits."""
+    """A torch module mapping normalised (n, 3, h, w) tiles to (n, classes) logits.
 
-    class_names: tuple[str, ...]
-    preprocessing: Preprocessing
-    module: torch.nn.Module
+    The members are read-only, so plain attributes, dataclass fields and properties
+    (``models.LoadedModel``) all satisfy it.
+    """
+
+    @property
+    def class_names(self) -> tuple[str, ...]: ...
+
+    @property
+    def preprocessing(self) -> Preprocessing: ...
+
+    @property
+    def module(self) -> torch.nn.Module: ...

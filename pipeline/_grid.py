@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypedDict, Unpack
 
 import numpy as np
 
@@ -21,6 +21,16 @@ from ._tissue import TissueMask
 __all__ = ["GridSpec", "TileGrid", "make_tile_grid", "grid_shape", "MAX_GRID_POSITIONS"]
 
 EdgeMode = Literal["pad", "drop"]
+
+
+class _GridOptions(TypedDict, total=False):
+    """The :class:`GridSpec` fields :meth:`GridSpec.with_overlap` passes through."""
+
+    target_mpp: float
+    min_tissue_fraction: float
+    edge: EdgeMode
+
+
 _EPS = 1e-9
 MAX_GRID_POSITIONS = 20_000_000
 """A larger grid is a configuration mistake (a 200k px slide at 0.25 µm/px with 224 px
@@ -73,13 +83,13 @@ class GridSpec:
         return self.stride_px if self.stride_px is not None else self.tile_size_px
 
     @classmethod
-    def with_overlap(cls, tile_size_px: int, overlap_px: int, **kwargs: object) -> GridSpec:
+    def with_overlap(cls, tile_size_px: int, overlap_px: int, **kwargs: Unpack[_GridOptions]) -> GridSpec:
         """A spec whose stride is ``tile_size_px - overlap_px``."""
         if not 0 <= overlap_px < tile_size_px:
             raise ConfigError(
                 f"overlap_px = {overlap_px!r} must be in [0, tile_size_px)",
             )
-        return cls(tile_size_px=tile_size_px, stride_px=tile_size_px - overlap_px, **kwargs)  # type: ignore[arg-type]
+        return cls(tile_size_px=tile_size_px, stride_px=tile_size_px - overlap_px, **kwargs)
 
 
 @dataclass(frozen=True, eq=False)

@@ -21,10 +21,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, get_args
 
+from ._backend import BACKEND_NAMES, BackendName
 from ._errors import NotAResultError, WsiflowError
-from ._mpp import MppResolution
+from ._mpp import MppResolution, MppSource
 
 __all__ = [
     "RESULT_MANIFEST",
@@ -114,9 +115,21 @@ class ResultSummary:
     tiles: int
     model: ModelProvenance
     mpp: MppResolution
-    backend: str
+    backend: BackendName
     hotspots: dict[str, list[dict[str, Any]]]
     data: dict[str, Any]
+
+
+_L = TypeVar("_L", bound=str)
+_MPP_SOURCES: tuple[MppSource, ...] = get_args(MppSource)
+
+
+def _one_of(value: object, allowed: tuple[_L, ...], key: str) -> _L:
+    """``value`` as the ``Literal`` whose values are ``allowed``; ValueError if it is none of them."""
+    for option in allowed:
+        if value == option:
+            return option
+    raise ValueError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -244,10 +257,10 @@ class ResultFolder:
                 tiles=int(data["tiles"]),
                 model=ModelProvenance(str(model["name"]), int(model["version"]), str(model["sha256"])),
                 mpp=MppResolution(
-                    float(mpp["mpp_x"]), float(mpp["mpp_y"]), mpp["source"], mpp.get("metadata_mpp_x"),
-                    mpp.get("metadata_mpp_y"), mpp.get("override"), mpp.get("declined"),
+                    float(mpp["mpp_x"]), float(mpp["mpp_y"]), _one_of(mpp["source"], _MPP_SOURCES, "mpp.source"),
+                    mpp.get("metadata_mpp_x"), mpp.get("metadata_mpp_y"), mpp.get("override"), mpp.get("declined"),
                 ),
-                backend=str(provenance["backend"]),
+                backend=_one_of(provenance["backend"], BACKEND_NAMES, "backend"),
                 hotspots=dict(data.get("hotspots") or {}),
                 data=data,
             )

@@ -59,7 +59,9 @@ def verify_audit_log(directory: Path | None = None) -> AuditVerification:
         if not hmac.compare_digest(computed, mac):
             problems.append(f"line {number} (seq {seq}): content does not match its mac (edited)")
         if seq != expected_seq:
-            problems.append(f"line {number}: sequence {seq} where {expected_seq} was expected (lines removed or reordered)")
+            problems.append(
+                f"line {number}: sequence {seq} where {expected_seq} was expected (lines removed or reordered)"
+            )
         if body["prev"] != prev:
             problems.append(f"line {number} (seq {seq}): does not follow the line before it (removed or reordered)")
         prev, expected_seq = mac, seq + 1

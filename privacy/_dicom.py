@@ -86,7 +86,9 @@ def _load(src: Path) -> list[_Instance]:
             continue
         seen_series.add(this_series)
         if str(ds.get("SOPClassUID", "")) != _WSI_SOP_CLASS:
-            raise DeidentificationError("the series holds an instance that is not a whole-slide image (annotation, report, ...)")
+            raise DeidentificationError(
+                "the series holds an instance that is not a whole-slide image (annotation, report, ...)"
+            )
         image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
         kind = "volume" if "VOLUME" in image_type else next(
             (name for key, name in _DROPPED_TYPES.items() if key in image_type), None

@@ -29,7 +29,9 @@ def open_openslide(path: Path, what: str) -> Any:
     try:
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError:
-        raise UnsupportedSlideError(f"OpenSlide cannot open {what}; {DEID_SUPPORTED}", hint=DEID_UNSUPPORTED_HINT) from None
+        raise UnsupportedSlideError(
+            f"OpenSlide cannot open {what}; {DEID_SUPPORTED}", hint=DEID_UNSUPPORTED_HINT
+        ) from None
     except openslide.OpenSlideError as exc:
         raise UnsupportedSlideError(
             f"OpenSlide cannot open {what} ({type(exc).__name__}); {DEID_SUPPORTED}", hint=DEID_UNSUPPORTED_HINT

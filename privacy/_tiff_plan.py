@@ -12,12 +12,15 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from pipeline import DeidentificationError, UnsupportedSlideError
 
 from ._report import DEID_SUPPORTED, DEID_UNSUPPORTED_HINT
 from ._tiff_tags import ASCII, COMPRESSIONS, POINTER_TAGS, TIFF_BLANKED_TAGS, TIFF_COPIED_TAGS, TYPE_SIZE, Entry
+
+if TYPE_CHECKING:
+    from tifffile import FileHandle
 
 __all__ = ["APERIO_KEPT_FIELDS", "PagePlan", "Plan", "kept_text", "plan_tiff"]
 
@@ -58,7 +61,7 @@ def kept_text(plan: Plan) -> bytes:
     return b"\0".join(e.data for p in plan.pages for e in p.entries)
 
 
-def _raw_value(fh: BinaryIO, tag: Any) -> bytes:
+def _raw_value(fh: FileHandle, tag: Any) -> bytes:
     size = TYPE_SIZE.get(int(tag.dtype))
     if size is None:
         raise DeidentificationError(f"TIFF tag {tag.code} has unknown type {int(tag.dtype)}")
@@ -126,6 +129,8 @@ def plan_tiff(src: Path, fmt: str) -> Plan:
         fields_removed = 0
         kept_fields: tuple[str, ...] = ()
         for index, page in enumerate(tif.pages):
+            if not isinstance(page, tifffile.TiffPage):  # TiffFrames come only with pages.useframes
+                raise UnsupportedSlideError(f"TIFF page {index} cannot be read whole")
             tags = {tag.code: tag for tag in page.tags.values()}
             desc_raw = _raw_value(fh, tags[270]) if 270 in tags else b""
             description = _text_of(desc_raw)
@@ -166,7 +171,7 @@ def _page_role(index: int, page: Any, description: str, fmt: str) -> str:
 
 
 def _level_entries(
-    fh: BinaryIO, page: Any, tags: dict[int, Any], description: str, fmt: str, *, bigtiff: bool
+    fh: FileHandle, page: Any, tags: dict[int, Any], description: str, fmt: str, *, bigtiff: bool
 ) -> tuple[list[Entry], int, list[str]]:
     entries: list[Entry] = []
     removed = 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -143,19 +141,16 @@ def test_boxes_tiff_has_an_implausible_mpp_that_is_refused_and_tiffslide_reads_i
         ("bad/incomplete-dicom-frames.dcm", UnsupportedSlideError),
     ],
 )
-def test_bad_files_fail_at_open_with_their_specific_error_fast(relative, error):
+def test_bad_files_fail_at_open_with_their_specific_error(relative, error):
     path = shared_file(relative)
-    start = time.monotonic()
     with pytest.raises(error) as info:
         open_slide(path)
-    assert time.monotonic() - start < 10
     message = info.value.one_line()
     assert path.name not in message and str(path.parent) not in message, "messages must not leak paths"
 
 
 def test_corrupt_tile_opens_then_fails_to_decode_with_corrupt_error():
     path = shared_file("bad/unreadable-corrupt-tile.svs")
-    start = time.monotonic()
     with open_slide(path) as slide:
         with pytest.raises(CorruptSlideError) as info:
             slide.read_region(0, 0, 0, 16, 16)
@@ -163,4 +158,3 @@ def test_corrupt_tile_opens_then_fails_to_decode_with_corrupt_error():
         # The backend stays usable for the caller to report and move on.
         with pytest.raises(CorruptSlideError):
             slide.read_thumbnail(8.0)
-    assert time.monotonic() - start < 10

@@ -33,7 +33,9 @@ def _lazy_level(slide: Slide, level: int) -> Any:
     width, height = slide.info.level_dimensions[level]
     downsample = slide.info.level_downsamples[level]
 
-    def read(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+    def read(block: np.ndarray, block_info: dict[Any, Any] | None = None) -> np.ndarray:
+        if block_info is None:  # dask probing for the output type: nothing to read
+            return np.zeros((0, 0, 0), dtype=np.uint8)
         (r0, r1), (c0, c1), _ = block_info[None]["array-location"]
         return slide.read_region(round(c0 * downsample), round(r0 * downsample), level, c1 - c0, r1 - r0)
 
@@ -80,8 +82,9 @@ def result_layers(result_dir: Path, visible_class: str | None = None) -> list[La
 
     folder = ResultFolder(result_dir)
     heatmap = zarr.open_group(str(folder.heatmap), mode="r")
-    multiscale = heatmap.attrs["ome"]["multiscales"][0]
-    classes = heatmap.attrs["wsiflow"]["classes"]
+    heatmap_attrs: dict[str, Any] = heatmap.attrs.asdict()  # the JSON pipeline._omezarr wrote
+    multiscale = heatmap_attrs["ome"]["multiscales"][0]
+    classes = heatmap_attrs["wsiflow"]["classes"]
     scale, translation = _transform(multiscale["datasets"][0])
     levels = [da.from_zarr(heatmap[d["path"]]) for d in multiscale["datasets"]]
     visible = visible_class or classes[min(1, len(classes) - 1)]["name"]
@@ -106,7 +109,8 @@ def result_layers(result_dir: Path, visible_class: str | None = None) -> list[La
             "image",
         ))
     tissue = zarr.open_group(str(folder.tissue), mode="r")
-    tissue_ms = tissue.attrs["ome"]["multiscales"][0]
+    tissue_attrs: dict[str, Any] = tissue.attrs.asdict()
+    tissue_ms = tissue_attrs["ome"]["multiscales"][0]
     t_scale, t_translation = _transform(tissue_ms["datasets"][0])
     data, multiscale = _pyramid([da.from_zarr(tissue[d["path"]]) for d in tissue_ms["datasets"]])
     layers.append((
@@ -126,5 +130,5 @@ def open_result_slide(result_dir: Path) -> Slide | None:
         return None
     summary = folder.read_summary()
     # The same µm/px the analysis used (overrides included), so layers line up.
-    return open_slide(location, backend=summary.backend,  # type: ignore[arg-type]
+    return open_slide(location, backend=summary.backend,
                       mpp_policy=MppPolicy.fixed(summary.mpp.mpp_x, summary.mpp.mpp_y))

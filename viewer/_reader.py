@@ -9,6 +9,7 @@ from pathlib import Path
 from pipeline import (
     SLIDE_SUFFIXES,
     ResultFolder,
+    Slide,
     WsiflowError,
     identify_slide,
     is_dicom_folder,
@@ -46,13 +47,13 @@ def _audit_result_view(path: Path) -> None:
     _audit_view(sid, digest, "result")
 
 
-def _read_slide(path: Path, slide: object) -> list[LayerData]:
+def _read_slide(path: Path, slide: Slide) -> list[LayerData]:
     try:
         sid: str | None = identify_slide(path, site_secret()).slide_id
     except WsiflowError:
         sid = None
     _audit_view(sid, None, "slide")
-    return [slide_layer(slide)]  # type: ignore[arg-type]
+    return [slide_layer(slide)]
 
 
 def _read_result(path: Path) -> list[LayerData]:

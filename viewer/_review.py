@@ -42,7 +42,8 @@ class ResultInfo:
 
         folder = ResultFolder(result_dir)
         summary = folder.read_summary()
-        classes = zarr.open_group(str(folder.heatmap), mode="r").attrs["wsiflow"]["classes"]
+        attrs: dict[str, Any] = zarr.open_group(str(folder.heatmap), mode="r").attrs.asdict()
+        classes = attrs["wsiflow"]["classes"]
         model = {"name": summary.model.name, "version": summary.model.version, "sha256": summary.model.sha256}
         return cls(result_dir, summary.slide_id, summary.mpp.mpp_x, summary.mpp.mpp_y, model,
                    tuple(c["name"] for c in classes), tuple(c["color"] for c in classes))

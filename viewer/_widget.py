@@ -47,7 +47,7 @@ class ReviewWidget(QWidget):
         self.status.setWordWrap(True)
         layout.insertWidget(0, self.status)
         self.class_box = QComboBox()
-        self.opacity = QSlider(Qt.Horizontal)
+        self.opacity = QSlider(Qt.Orientation.Horizontal)
         self.opacity.setRange(0, 100)
         self.opacity.setValue(60)
         self.threshold = QDoubleSpinBox()
@@ -155,11 +155,11 @@ class ReviewWidget(QWidget):
             return
         for spot in ResultFolder(self.info.result_dir).read_summary().hotspots.get(name, []):
             item = QListWidgetItem(f"{spot['probability']:.2f} at ({spot['x_um']:.0f}, {spot['y_um']:.0f}) µm")
-            item.setData(Qt.UserRole, (spot["y_um"], spot["x_um"]))
+            item.setData(Qt.ItemDataRole.UserRole, (spot["y_um"], spot["x_um"]))
             self.hotspots.addItem(item)
 
     def _go_to(self, item: QListWidgetItem) -> None:
-        y, x = item.data(Qt.UserRole)
+        y, x = item.data(Qt.ItemDataRole.UserRole)
         self.viewer.camera.center = (y, x)
         self.viewer.camera.zoom = max(self.viewer.camera.zoom, 2.0)
 

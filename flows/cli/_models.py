@@ -128,7 +128,8 @@ def _show(registry: Registry, args: argparse.Namespace) -> int:
 
 def _verify(registry: Registry, args: argparse.Namespace) -> int:
     entries = [registry.resolve(r) for r in args.model] if args.model else registry.entries()
-    results, failed = [], 0
+    results: list[dict[str, Any]] = []
+    failed = 0
     for entry in entries:
         try:
             load_model_from_dir(entry.manifest, entry.directory)  # sha256 first, then a strict load
@@ -195,7 +196,8 @@ def _promote(registry: Registry, args: argparse.Namespace, config: WsiflowConfig
 
 def _predict(registry: Registry, args: argparse.Namespace) -> int:
     model = registry.load(args.model)
-    rows, failed = [], 0
+    rows: list[dict[str, Any]] = []
+    failed = 0
     tiles, names = [], []
     for image in args.images:
         try:
