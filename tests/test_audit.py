@@ -97,6 +97,7 @@ def _append_many(site: str, n: int) -> None:
         audit_event("view", slide_id=f"s-{os.getpid()}-{i}", directory=Path(site))
 
 
+@pytest.mark.slow
 def test_concurrent_processes_keep_one_chain(tmp_path):
     audit_event("run", directory=tmp_path)  # create the secret before the race
     ctx = multiprocessing.get_context("spawn")
@@ -111,6 +112,7 @@ def test_concurrent_processes_keep_one_chain(tmp_path):
     assert result.lines == 46
 
 
+@pytest.mark.slow
 def test_cli_verify_and_show(wsiflow_cli, tmp_path):
     env = {**os.environ, "WSIFLOW_HOME": str(tmp_path)}
     _fill(tmp_path, 3)

@@ -37,6 +37,7 @@ def test_model_card_states_the_recorded_held_out_score(bundled):
     assert metrics["balanced_accuracy"] >= 0.85
 
 
+@pytest.mark.slow
 def test_held_out_score_reproduces(bundled):
     """Regenerate the held-out set (another source image, fixed seed) and re-score."""
     shared_file(recipe.HELD_OUT_SOURCES[0].relative_path)

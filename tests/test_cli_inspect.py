@@ -41,6 +41,7 @@ def test_json_contract_on_the_real_slide(wsiflow_cli, cmu_svs):
         assert snippet not in result.stdout + result.stderr, snippet
 
 
+@pytest.mark.slow
 def test_human_output_lists_every_fact(wsiflow_cli, cmu_svs):
     result = _run(wsiflow_cli, "inspect", cmu_svs, "--tile-size", "112", "--target-mpp", "2")
     assert result.returncode == 0, result.stderr
@@ -52,6 +53,7 @@ def test_human_output_lists_every_fact(wsiflow_cli, cmu_svs):
     assert str(cmu_svs) in shown.stdout
 
 
+@pytest.mark.slow
 def test_missing_mpp_then_override(wsiflow_cli):
     path = shared_file("slides/TCGA-CR-7395-crop-jp2k-no-mpp.svs")
     refused = _run(wsiflow_cli, "inspect", "--json", path)
@@ -86,6 +88,7 @@ def test_mpp_is_not_applied_to_a_slide_with_valid_metadata_unless_forced(wsiflow
     assert alone.returncode == 2 and "--mpp-force" in alone.stderr
 
 
+@pytest.mark.slow
 def test_one_line_per_bad_file_and_the_good_one_still_reported(wsiflow_cli, cmu_svs):
     bad = [shared_file(f"bad/{name}") for name in ("not-a-tiff.svs", "unopenable-unknown-compression.tiff", "unreadable-corrupt-tile.svs", "incomplete-dicom-frames.dcm")]
     result = _run(wsiflow_cli, "inspect", "--json", *bad, "/nonexistent/slide.svs", cmu_svs)
@@ -101,11 +104,13 @@ def test_one_line_per_bad_file_and_the_good_one_still_reported(wsiflow_cli, cmu_
         assert path.name not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(wsiflow_cli):
     result = _run(wsiflow_cli, "--debug", "inspect", shared_file("bad/not-a-tiff.svs"))
     assert result.returncode == 1 and "Traceback" in result.stderr
 
 
+@pytest.mark.slow
 def test_bad_config_and_bad_arguments_exit_2(wsiflow_cli, tmp_path, cmu_svs):
     config = tmp_path / "c.yaml"
     config.write_text("grid: {tile_size_px: 0}\n")
@@ -142,6 +147,7 @@ def test_permission_denied(wsiflow_cli, cmu_svs, tmp_path):
         os.chmod(locked, 0o600)
 
 
+@pytest.mark.slow
 def test_dicom_folder_and_site_secret_is_private(wsiflow_cli, cmu_svs):
     folder = shared_file("dicom/cmu-1-small-region-lossless")
     result = _run(wsiflow_cli, "inspect", "--json", folder, cmu_svs)

@@ -30,6 +30,7 @@ def _run(cli, *args, env=None, cwd=None):
     return subprocess.run([*cli, *map(str, args)], capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_list_show_verify(wsiflow_cli, site):
     _, env = site
     result = _run(wsiflow_cli, "models", "list", "--json", env=env)
@@ -47,6 +48,7 @@ def test_list_show_verify(wsiflow_cli, site):
     assert all(r["ok"] for r in json.loads(verify.stdout))
 
 
+@pytest.mark.slow
 def test_verify_reports_tampering_with_exit_1(wsiflow_cli, site, tmp_path):
     root, env = site
     env = {**env, "WSIFLOW_HOME": str(tmp_path / "audit-site")}  # its own audit log
@@ -71,6 +73,7 @@ def test_bundled_model_cannot_be_removed(wsiflow_cli, site):
     assert result.returncode == 1 and "read-only-model" in result.stderr
 
 
+@pytest.mark.slow
 def test_predict_with_the_bundled_model(wsiflow_cli, site, tmp_path):
     _, env = site
     tile = shared_file("images/he-tile-240px.png")  # real H&E at ~0.5 µm/px
@@ -99,6 +102,7 @@ def _box(x0, y0, x1, y1):
     return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
 
 
+@pytest.mark.slow
 def test_finetune_validate_promote(wsiflow_cli, site, tmp_path, cmu_svs):
     root, env = site
     annotations = _geojson(tmp_path / "cmu.geojson", [
@@ -147,6 +151,7 @@ def test_finetune_validate_promote(wsiflow_cli, site, tmp_path, cmu_svs):
     assert registry.default_version("tiny-site") == 1
 
 
+@pytest.mark.slow
 def test_validate_on_a_labelled_patch_folder(wsiflow_cli, site, tmp_path):
     _, env = site
     folder = tmp_path / "patches"

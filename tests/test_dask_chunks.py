@@ -14,6 +14,7 @@ from pipeline import AnalysisParams, EngineSettings, GridSettings, ModelInfo, Ru
 from tests.conftest import shared_file
 
 distributed = pytest.importorskip("distributed")
+pytestmark = pytest.mark.slow  # see DEVELOPERS.md: `make check` runs the tests not marked slow
 
 
 @pytest.fixture(scope="module")

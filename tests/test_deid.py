@@ -264,6 +264,7 @@ def test_dicom_copy_has_only_volumes_and_the_basic_profile(tmp_path):
                 assert np.array_equal(np.asarray(a.read_region(loc, level, size)), np.asarray(b.read_region(loc, level, size)))
 
 
+@pytest.mark.slow
 def test_dicom_uid_remap_is_consistent_and_a_single_instance_selects_its_series(tmp_path):
     src = shared_file("dicom/cmu-1-small-region-lossless")
     first = deidentify_slide(src, tmp_path / "a")
@@ -297,6 +298,7 @@ def test_dicom_fails_closed_on_stray_files_and_label_in_image(tmp_path):
 # ---------------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_deid_prints_one_line_without_paths_and_audits(wsiflow_cli, sentinel_svs, tmp_path):
     from privacy import read_audit_log
 

@@ -31,10 +31,13 @@ from pipeline import (
     analyse_slide,
 )
 from tests.conftest import shared_file
+
 try:
     from distributed import WorkerPlugin
 except ImportError:  # the Dask test skips itself
     WorkerPlugin = object  # type: ignore[assignment,misc]
+
+pytestmark = pytest.mark.slow  # see DEVELOPERS.md: `make check` runs the tests not marked slow
 
 EXIT_FAILED = 1
 

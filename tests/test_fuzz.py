@@ -119,6 +119,7 @@ def _check(worker: FuzzWorker, data: bytes, suffix: str, backend: str) -> None:
 BACKENDS = st.sampled_from(["auto", "tiffslide", "openslide"])
 
 
+@pytest.mark.slow
 @fuzz_settings(40)
 @given(data=st.data(), backend=BACKENDS)
 def test_fuzz_real_aperio_slide(worker, data, backend):
@@ -134,6 +135,7 @@ def test_fuzz_small_real_slides(worker, relative, data, backend):
     _check(worker, data.draw(mutated(seed)), seed.suffix, backend)
 
 
+@pytest.mark.slow
 @fuzz_settings(40)
 @given(data=st.data(), backend=BACKENDS)
 def test_fuzz_generated_pyramid_tiff(worker, generated, data, backend):

@@ -15,8 +15,11 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests._synthetic import BACKGROUND, TISSUE, write_pyramid_tiff
+
+pytestmark = pytest.mark.slow  # see DEVELOPERS.md: `make check` runs the tests not marked slow
 
 CRASH_DIR = Path(__file__).resolve().parent / "_crashinject"
 CRASH_SIZE = (1234, 987)  # level-0 size no other test slide has

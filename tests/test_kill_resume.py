@@ -11,8 +11,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import pyarrow.parquet as pq
 import zarr
+
+pytestmark = pytest.mark.slow  # see DEVELOPERS.md: `make check` runs the tests not marked slow
+
 
 RUN_ARGS = ("--stride", "112", "--chunk-cells", "2", "--readers", "2", "--batch-size", "8", "--json")
 

@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import shared_file
 
 pytest.importorskip("prefect")
+pytestmark = pytest.mark.slow  # see DEVELOPERS.md: `make check` runs the tests not marked slow
 
 
 def _api(prefect_server, path: str, body: dict | None = None):

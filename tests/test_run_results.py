@@ -62,6 +62,7 @@ def _report(completed):
     return document
 
 
+@pytest.mark.slow
 def test_outputs_are_complete_valid_and_free_of_the_file_name(bundled, cmu_svs, tmp_path):
     model, info = bundled
     outcome = _analyse(cmu_svs, model, info, tmp_path)
@@ -118,6 +119,7 @@ def test_outputs_are_complete_valid_and_free_of_the_file_name(bundled, cmu_svs, 
                 assert needle not in data, (path.name, needle)
 
 
+@pytest.mark.slow
 def test_heatmap_reads_with_an_ngff_reader(bundled, cmu_svs, tmp_path):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Multiscales, Reader
@@ -144,6 +146,7 @@ class _Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_bit_identically_and_redoes_only_unfinished_chunks(bundled, cmu_svs, tmp_path):
     model, info = bundled
     reference = _analyse(cmu_svs, model, info, tmp_path / "reference")
@@ -179,6 +182,7 @@ def test_interrupted_run_resumes_bit_identically_and_redoes_only_unfinished_chun
     assert again.status == "reused" and again.tiles == reference.tiles and again.result_dir == result_dir
 
 
+@pytest.mark.slow
 def test_cli_run_batch_with_a_bad_slide_reuse_and_force(wsiflow_cli, cmu_svs, tmp_path):
     bad = shared_file("bad/unreadable-corrupt-tile.svs")
     out = tmp_path / "out"

@@ -14,7 +14,10 @@ from pipeline import AnalysisParams, EngineSettings, GridSettings, ModelInfo, Ru
 from tests.conftest import shared_file
 
 pytest.importorskip("napari")
-pytestmark = pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="no X display (install xvfb)")
+pytestmark = [
+    pytest.mark.slow,  # napari and Qt: see DEVELOPERS.md
+    pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="no X display (install xvfb)"),
+]
 
 
 @pytest.fixture(scope="module")
