@@ -53,6 +53,7 @@ class SlideReport:
             "mpp_y": self.mpp.mpp_y if self.mpp else None,
             "mpp_source": self.mpp.source if self.mpp else None,
             "mpp_override": self.mpp.override if self.mpp else None,
+            "mpp_declined": self.mpp.declined if self.mpp else None,
             "metadata_mpp_x": info.metadata_mpp_x if info else None,
             "metadata_mpp_y": info.metadata_mpp_y if info else None,
             "objective_power": info.objective_power if info else None,

@@ -76,7 +76,7 @@ def test_mpp_is_not_applied_to_a_slide_with_valid_metadata_unless_forced(wsiflow
     assert kept.returncode == 0, kept.stderr
     (entry,) = json.loads(kept.stdout)
     assert entry["mpp_x"] == pytest.approx(0.499) and entry["mpp_source"] == "metadata"
-    assert entry["mpp_override"] is None
+    assert entry["mpp_override"] is None and entry["mpp_declined"] == "--mpp"
     human = _run(wsiflow_cli, "inspect", "--mpp", "0.25", cmu_svs)
     assert "(slide metadata)" in human.stdout and "--mpp not applied" in human.stdout
     forced = _run(wsiflow_cli, "inspect", "--json", "--mpp", "0.25", "--mpp-force", cmu_svs)

@@ -58,7 +58,7 @@ def export_result(result_dir: Path, out_dir: Path, *, keep_comments: bool = Fals
     if folder is None or not folder.is_complete():
         raise NotAResultError("not a complete wsiflow result folder")
     summary = folder.read_summary()
-    target = out_dir / f"{summary.slide_id}-{summary.model.name}-v{summary.model.version}-{folder.path.resolve().name}"
+    target = out_dir / f"{summary.slide_id}-{summary.model.name}-{folder.path.resolve().name}"  # name: v<version>-<digest>
     tmp = target.with_name(f".{target.name}.tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
