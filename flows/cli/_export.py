@@ -58,7 +58,8 @@ def export_result(result_dir: Path, out_dir: Path, *, keep_comments: bool = Fals
     if folder is None or not folder.is_complete():
         raise NotAResultError("not a complete wsiflow result folder")
     summary = folder.read_summary()
-    target = out_dir / f"{summary.slide_id}-{summary.model.name}-{folder.path.resolve().name}"  # name: v<version>-<digest>
+    # The result folder's own name is v<version>-<digest>.
+    target = out_dir / f"{summary.slide_id}-{summary.model.name}-{folder.path.resolve().name}"
     tmp = target.with_name(f".{target.name}.tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
