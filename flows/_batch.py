@@ -94,7 +94,7 @@ def _analyse_one(batch_id: str, index: int, slide: str) -> dict[str, Any]:
         outcome = runner.run(jobs[index], via=f"batch:{batch_id}")
     finally:
         _RUNNERS.put(runner)
-    if isinstance(outcome.error, WorkerError):
+    if isinstance(outcome.error, WorkerError) and outcome.error.transient:
         raise _TransientSlideFailure(outcome.error.message)
     row = outcome.to_json()
     row["slide_id"] = row["slide_id"] or slide

@@ -113,7 +113,8 @@ class DaskChunkExecutor:
                 # OOM killer): the slide is likely poison, so do not feed it more workers.
                 failure = WorkerError(
                     "a worker process died while running a chunk of this slide (a crash in the slide "
-                    "library or out of memory); the rest of the slide was not sent to the cluster"
+                    "library or out of memory); the rest of the slide was not sent to the cluster",
+                    transient=False,
                 )
             except transient as exc:
                 failure = WorkerError(

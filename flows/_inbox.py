@@ -15,7 +15,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from pipeline import RunSettings, expand_slide_arguments, site_dir, site_secret
+from pipeline import ConfigError, RunSettings, expand_slide_arguments, site_dir, site_secret
 
 from ._batch import batch_flow, save_batch
 from ._slide_job import identify_jobs
@@ -33,12 +33,19 @@ def save_inbox(inbox: str, settings: RunSettings) -> str:
     """Store an inbox (folder + the run settings to apply) and return its ID."""
     inbox_id = f"i-{secrets.token_hex(5)}"
     data = {"inbox": os.fspath(Path(inbox).resolve()), "settings": settings.to_json()}
-    (_inbox_dir(inbox_id) / "inbox.json").write_text(json.dumps(data), encoding="utf-8")
+    fd = os.open(_inbox_dir(inbox_id) / "inbox.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(data, fh)
     return inbox_id
 
 
 def load_inbox(inbox_id: str) -> tuple[Path, RunSettings]:
     data = json.loads((_inbox_dir(inbox_id) / "inbox.json").read_text(encoding="utf-8"))
+    if "settings" not in data:
+        raise ConfigError(
+            f"inbox {inbox_id} was registered by an older wsiflow",
+            hint="start it again with `wsiflow serve --inbox ... --out ...` (a new inbox ID)",
+        )
     return Path(data["inbox"]), RunSettings.from_json(data["settings"])
 
 

@@ -59,6 +59,7 @@ class IsolatedSlideRunner:
                     "or out of memory); the other slides are not affected",
                     hint="run `wsiflow inspect` on it; if it repeats, copy the file again or rescan it. "
                          "Finished chunks are kept for a rerun",
+                    transient=False,
                 ),
             )
 

@@ -111,6 +111,12 @@ class WorkerError(WsiflowError, RuntimeError):
     kind = "worker"
     hint = "check the cluster's workers (memory, shared storage), then run again: finished chunks are kept"
 
+    def __init__(self, message: str, *, hint: str | None = None, transient: bool = True) -> None:
+        super().__init__(message, hint=hint)
+        self.transient = transient
+        """False when the slide itself is the likely cause (a process died decoding it):
+        retrying would only crash more processes."""
+
 
 class DeidentificationError(WsiflowError, ValueError):
     """A de-identified copy could not be made safely, so none was written (fail closed)."""

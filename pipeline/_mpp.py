@@ -185,7 +185,7 @@ def resolve_mpp(
         if meta_ok and not override.force:
             declined = declined or name
             continue
-        return MppResolution(override.mpp_x, override.mpp_y, "config", meta_x, meta_y, name)
+        return MppResolution(override.mpp_x, override.mpp_y, "config", meta_x, meta_y, name, declined)
     if meta_ok and meta_x is not None and meta_y is not None:  # meta_ok implies both are set
         return MppResolution(float(meta_x), float(meta_y), "metadata", meta_x, meta_y, declined=declined)
     if meta_x is None or meta_y is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, get_args
@@ -162,19 +163,34 @@ class ResultFolder:
 
     @classmethod
     def find(cls, path: Path) -> ResultFolder | None:
-        """``path`` as a result folder: a result folder itself, or a model folder (its
-        ``latest``), or a slide folder holding exactly one model. None if it is none of these."""
+        """``path`` as one result folder, with links resolved (so a later run moving
+        ``latest`` never changes what a caller holds): a result folder itself; a model folder
+        (its ``latest``, else its newest complete result); or a slide folder holding exactly
+        one model. None if it is none of these."""
         path = Path(path)
-        candidates = [path, path / LATEST_LINK]
-        if path.is_dir() and not (path / RESULT_MANIFEST).exists():
-            models = [p for p in path.iterdir() if p.is_dir() and (p / LATEST_LINK).exists()]
-            if len(models) == 1:
-                candidates.append(models[0] / LATEST_LINK)
-        for candidate in candidates:
-            folder = cls(candidate)
-            if folder.looks_complete():
-                return folder
-        return None
+        if not path.is_dir():
+            return None
+        if cls(path).looks_complete() and not (path / LATEST_LINK).exists():
+            return cls(path.resolve())
+        newest = cls._newest(path)
+        if newest is not None:
+            return newest
+        # A slide folder: its one model's newest result.
+        found = [f for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")
+                 if (f := cls._newest(p)) is not None]
+        return found[0] if len(found) == 1 else None
+
+    @classmethod
+    def _newest(cls, model_dir: Path) -> ResultFolder | None:
+        """``latest`` if it points at a complete result, else the newest complete one."""
+        latest = cls(model_dir / LATEST_LINK)
+        if latest.looks_complete():
+            return cls(latest.path.resolve())
+        complete = [cls(p) for p in model_dir.iterdir()
+                    if p.is_dir() and not p.name.startswith(".") and cls(p).looks_complete()]
+        if not complete:
+            return None
+        return max(complete, key=lambda f: f.manifest_path.stat().st_mtime_ns)
 
     @property
     def heatmap(self) -> Path:
@@ -270,7 +286,7 @@ class ResultFolder:
     def mark_latest(self) -> None:
         """Point the model folder's ``latest`` at this result (atomically replaced)."""
         link = self.path.parent / LATEST_LINK
-        tmp = self.path.parent / f".{LATEST_LINK}.{os.getpid()}.tmp"
+        tmp = self.path.parent / f".{LATEST_LINK}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         tmp.unlink(missing_ok=True)
         os.symlink(self.path.name, tmp)
         tmp.replace(link)

@@ -96,11 +96,13 @@ def test_inbox_processes_a_dropped_slide_once(prefect_server, cmu_svs, tmp_path)
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     env = {**os.environ, "PREFECT_API_URL": prefect_server["url"], "PREFECT_HOME": str(prefect_server["home"])}
+    # The settings `wsiflow serve` stores: the config (with a folder mpp override) and its options.
+    config = {"mpp_overrides": [{"label": "inbox-scanner", "folder": str(inbox), "mpp": 0.25}]}
+    serve_args = ["serve", "--inbox", str(inbox), "--out", str(tmp_path / "out"), "--stride", "112", "--readers", "2"]
     created = _python(
-        "from pathlib import Path; from flows._inbox import save_inbox; "
-        "from pipeline import AnalysisParams, EngineSettings, GridSettings, RunSettings; "
-        f"settings = RunSettings(out_dir=Path({str(tmp_path / 'out')!r}), model='tissue-qc', "
-        "analysis=AnalysisParams(grid=GridSettings(stride_px=112)), engine=EngineSettings(readers=2)); "
+        "from flows import parse_config; from flows._inbox import save_inbox; from flows.cli import build_parser; "
+        "from flows.cli._options import build_run_settings; "
+        f"settings = build_run_settings(parse_config({config!r}), build_parser().parse_args({serve_args!r})); "
         f"print(save_inbox({str(inbox)!r}, settings))",
         env,
     )
@@ -108,6 +110,7 @@ def test_inbox_processes_a_dropped_slide_once(prefect_server, cmu_svs, tmp_path)
     inbox_id = created.stdout.strip()
     shutil.copy(cmu_svs, inbox / "new-scan.svs")
     shutil.copy(shared_file("bad/unreadable-corrupt-tile.svs"), inbox / "broken.svs")
+    shutil.copy(shared_file("slides/TCGA-CR-7395-crop-jp2k-no-mpp.svs"), inbox / "no-mpp.svs")
     ticks = _python(
         "import json; from flows._inbox import inbox_tick, read_ledger; "
         f"print(json.dumps([inbox_tick({inbox_id!r}) for _ in range(3)])); "
@@ -118,7 +121,7 @@ def test_inbox_processes_a_dropped_slide_once(prefect_server, cmu_svs, tmp_path)
     counts_line, ledger_line = ticks.stdout.strip().splitlines()[-2:]
     counts = json.loads(counts_line)
     assert counts[0] == {"ready": 0, "processed": 0, "failed": 0}  # first look: still settling
-    assert counts[1] == {"ready": 2, "processed": 1, "failed": 1}
+    assert counts[1] == {"ready": 3, "processed": 2, "failed": 1}
     assert counts[2] == {"ready": 0, "processed": 0, "failed": 0}  # neither redone nor retried
     ledger = json.loads(ledger_line)
     good, bad = ledger[str(inbox / "new-scan.svs")], ledger[str(inbox / "broken.svs")]
@@ -126,6 +129,14 @@ def test_inbox_processes_a_dropped_slide_once(prefect_server, cmu_svs, tmp_path)
     assert bad["status"] == "failed" and bad["error"]["kind"] == "corrupt"
     assert bad["result"] is None
     assert (tmp_path / "out" / good["result"] / "result.json").exists()  # relative to the output folder
+    # serve honours the config's mpp_overrides: the slide without µm/px used the inbox's entry,
+    # the one with valid metadata kept its own.
+    from pipeline import ResultFolder
+
+    overridden = ResultFolder(tmp_path / "out" / ledger[str(inbox / "no-mpp.svs")]["result"]).read_summary()
+    assert (overridden.mpp.mpp_x, overridden.mpp.override) == (0.25, "mpp_overrides[inbox-scanner]")
+    kept = ResultFolder(tmp_path / "out" / good["result"]).read_summary()
+    assert kept.mpp.source == "metadata" and kept.mpp.declined == "mpp_overrides[inbox-scanner]"
 
 
 def test_serve_creates_a_scheduled_deployment(prefect_server, wsiflow_cli, tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipeline import ResultFolder
+
 from ._layers import LayerData
 from ._reader import _read_result
 
@@ -16,8 +18,9 @@ _ROOT = Path(__file__).resolve().parents[1]
 def _find_demo_result() -> Path | None:
     configured = os.environ.get("WSIFLOW_DEMO_OUT")
     out = Path(configured) if configured else _ROOT / "demo-out"
-    found = sorted(out.glob("*/tissue-qc/latest/result.json")) if out.is_dir() else []
-    return found[0].parent if found else None
+    slides = sorted(p for p in out.iterdir() if p.is_dir()) if out.is_dir() else []
+    found = [f for p in slides if (f := ResultFolder.find(p / "tissue-qc")) is not None]
+    return found[0].path if found else None
 
 
 def demo_result() -> list[LayerData]:

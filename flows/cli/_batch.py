@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 from pipeline import expand_slide_arguments, site_secret
 
@@ -42,6 +43,7 @@ def run_batch_command(args: argparse.Namespace, config: WsiflowConfig) -> int:
         print("wsiflow: error not-found: no slides matched the arguments", file=sys.stderr)
         return EXIT_FAILED
     _, info, loaded = resolve_model(settings.model, settings.models_dir)
+    settings = replace(settings, model=info.ref)  # pinned: a promotion mid-batch changes nothing
     settings.analysis.grid.spec(loaded.preprocessing, info.ref)  # refuse bad grid options before the flow
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     batch_id, flow_rows, state = run_batch(settings, identify_jobs(slides, site_secret()))

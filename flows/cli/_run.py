@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 from pipeline import expand_slide_arguments, site_secret
 
@@ -51,6 +52,7 @@ def run_run(args: argparse.Namespace, config: WsiflowConfig) -> int:
         print("wsiflow: error not-found: no slides matched the arguments", file=sys.stderr)
         return EXIT_FAILED
     model, info, loaded = resolve_model(settings.model, settings.models_dir)
+    settings = replace(settings, model=info.ref)  # pinned: a promotion mid-run changes nothing
     settings.analysis.grid.spec(loaded.preprocessing, info.ref)  # refuse bad grid options before any slide
     settings.out_dir.mkdir(parents=True, exist_ok=True)
     secret = site_secret()
