@@ -97,7 +97,6 @@ def _analyse_one(batch_id: str, index: int, slide: str) -> dict[str, Any]:
     if isinstance(outcome.error, WorkerError) and outcome.error.transient:
         raise _TransientSlideFailure(outcome.error.message)
     row = outcome.to_json()
-    row["slide_id"] = row["slide_id"] or slide
     row["result_dir"] = os.path.relpath(row["result_dir"], settings.out_dir) if row["result_dir"] else None
     row["index"] = index
     return row
@@ -108,8 +107,8 @@ def _local_cluster_workers() -> int:
     return max(1, (os.cpu_count() or 1) // 4)
 
 
-def _failed_row(index: int, name: str, model: str, message: str) -> dict[str, Any]:
-    return {"index": index, "slide_id": name, "status": "failed", "result_dir": None, "model": model,
+def _failed_row(index: int, slide_id: str | None, model: str, message: str) -> dict[str, Any]:
+    return {"index": index, "slide_id": slide_id, "status": "failed", "result_dir": None, "model": model,
             "tiles": None, "tiles_per_s": None, "chunks_computed": 0, "chunks_total": 0, "mpp": None,
             "error": {"kind": WorkerError.kind, "message": message, "hint": WorkerError.hint}}
 
@@ -154,14 +153,16 @@ def _build_flow() -> Any:
                 try:
                     rows.append(future.result())
                 except _TransientSlideFailure as exc:
-                    rows.append(_failed_row(i, names[i], info.ref, str(exc)))
+                    identity = jobs[i].identity
+                    rows.append(_failed_row(i, identity.slide_id if identity else None, info.ref, str(exc)))
         finally:
             while not _RUNNERS.empty():
                 _RUNNERS.get().close()
             if cluster is not None:
                 cluster.close()
         table = [
-            {"slide": r["slide_id"], "status": r["status"], "tiles": r["tiles"], "tiles/s": r.get("tiles_per_s"),
+            {"slide": r["slide_id"] or names[r["index"]], "status": r["status"], "tiles": r["tiles"],
+             "tiles/s": r.get("tiles_per_s"),
              "mpp": (r.get("mpp") or {}).get("source"), "error": (r["error"] or {}).get("kind"),
              "result": r["result_dir"]}
             for r in rows
