@@ -163,6 +163,10 @@ def load_config(path: str | os.PathLike[str] | None = None) -> WsiflowConfig:
         raise ConfigError("the config file does not exist", hint="check the --config path") from exc
     except IsADirectoryError as exc:
         raise ConfigError("the config path is a folder", hint="give the YAML file") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("the config file is not text (UTF-8 YAML)", hint="check the --config path") from exc
+    except PermissionError as exc:
+        raise ConfigError("the config file cannot be read: permission denied") from exc
     try:
         parsed = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -201,3 +201,44 @@ def test_bad_grid_options_are_refused_before_any_slide(wsiflow_cli, cmu_svs, tmp
     assert not (tmp_path / "o").exists()
     zero = _run(wsiflow_cli, "run", cmu_svs, "--out", tmp_path / "o", "--stride", "0")
     assert zero.returncode == 2 and "--stride" in zero.stderr
+
+
+@pytest.mark.parametrize("where", ["file", "under-file"])
+def test_out_must_be_a_folder(tmp_path, where):
+    existing = tmp_path / "results.txt"
+    existing.write_text("x")
+    out = existing if where == "file" else existing / "sub"
+    with pytest.raises(ConfigError, match="--out"):
+        _settings("run", "s.svs", "--out", str(out), config={})
+
+
+@pytest.mark.parametrize("address", ["localhost:8786", "http://127.0.0.1:8786", "not a url"])
+def test_a_dask_address_must_be_a_scheduler_url(address):
+    with pytest.raises(ConfigError, match="scheduler URL"):
+        _settings("run", "s.svs", "--out", "o", "--dask-address", address, config={})
+    with pytest.raises(ConfigError, match="scheduler URL"):
+        _settings("run", "s.svs", "--out", "o", config={"dask": {"address": address}})
+    assert _settings("run", "s.svs", "--out", "o", "--dask-address", "tcp://10.0.0.5:8786",
+                     config={}).dask_address == "tcp://10.0.0.5:8786"
+
+
+def test_a_binary_config_file_is_a_config_error(tmp_path):
+    from flows import load_config
+
+    binary = tmp_path / "c.yaml"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="not text"):
+        load_config(binary)
+
+
+@pytest.mark.slow
+def test_bad_out_and_config_exit_2_without_a_traceback(wsiflow_cli, cmu_svs, tmp_path):
+    existing = tmp_path / "file"
+    existing.write_text("x")
+    binary = tmp_path / "c.yaml"
+    binary.write_bytes(bytes(range(256)))
+    for args in (("run", cmu_svs, "--out", existing), ("--config", binary, "run", cmu_svs, "--out", tmp_path / "o"),
+                 ("run", cmu_svs, "--out", tmp_path / "o", "--dask-address", "localhost:1")):
+        result = _run(wsiflow_cli, *args)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and result.stderr.startswith("wsiflow: error config:")

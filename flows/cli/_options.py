@@ -8,11 +8,12 @@ config is never masked by an argparse default.
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipeline import BACKEND_NAMES, AnalysisParams, MppPolicy, RunSettings
+from pipeline import BACKEND_NAMES, AnalysisParams, ConfigError, MppPolicy, RunSettings
 
 from .._config import WsiflowConfig
 from ._common import mpp_arg, positive_int
@@ -66,6 +67,24 @@ def _given(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
+def _check_out_dir(out: Path) -> Path:
+    """``--out`` must be (or be creatable as) a folder: refused now, not after the model loads."""
+    out = out.resolve()
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is a file" if path == out else "lies under a file"
+                raise ConfigError(f"--out {where}", hint="give a folder for the results")
+            break
+    return out
+
+
+def _check_dask_address(address: str | None) -> str | None:
+    if address is not None and not re.fullmatch(r"(tcp|tls|inproc|ucx)://[^\s/]+(:\d+)?/?", address):
+        raise ConfigError(f"dask address {address!r} is not a scheduler URL", hint="use tcp://HOST:PORT")
+    return address
+
+
 def build_run_settings(config: WsiflowConfig, args: argparse.Namespace) -> RunSettings:
     """The run settings of a command: config values overridden by the options given."""
     option = lambda name: getattr(args, name, None)  # noqa: E731 - commands lack some options
@@ -82,7 +101,7 @@ def build_run_settings(config: WsiflowConfig, args: argparse.Namespace) -> RunSe
     engine = replace(config.engine, **_given(batch_size=option("batch_size"), readers=option("readers"),
                                              device=option("device")))
     return RunSettings(
-        out_dir=Path(args.out).resolve(),
+        out_dir=_check_out_dir(Path(args.out)),
         model=option("model") or config.models.default,
         models_dir=config.models.registry_dir,
         analysis=analysis,
@@ -90,6 +109,6 @@ def build_run_settings(config: WsiflowConfig, args: argparse.Namespace) -> RunSe
         mpp=MppPolicy(cli_mpp=option("mpp"), overrides=config.mpp_overrides, force=bool(option("mpp_force"))),
         backend=option("backend") or config.backend,
         isolate=config.isolate and not option("no_isolate"),
-        dask_address=option("dask_address") or config.dask.address,
+        dask_address=_check_dask_address(option("dask_address") or config.dask.address),
         force=bool(option("force")),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -46,6 +47,11 @@ def add_server_parser(commands: argparse._SubParsersAction) -> None:
     )
     server.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     server.add_argument("--port", type=int, default=4200)
+    server.add_argument(
+        "--ui-api-url", metavar="URL",
+        help="the API address the UI in a browser uses (default http://HOST:PORT/api; with --host 0.0.0.0, "
+             "this machine's name)",
+    )
 
 
 def run_serve(args: argparse.Namespace, config: WsiflowConfig) -> int:
@@ -74,8 +80,16 @@ def run_server(args: argparse.Namespace, config: WsiflowConfig) -> int:
     if prefect is None:
         print("wsiflow: error config: the prefect command is not installed in this environment", file=sys.stderr)
         return EXIT_FAILED
-    env = {**os.environ, **OFFLINE_ENV, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    print(f"Prefect server on http://{args.host}:{args.port} -- clients: PREFECT_API_URL=http://{args.host}:{args.port}/api",
-          flush=True)
+    public_host = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
+    api_url = args.ui_api_url or f"http://{public_host}:{args.port}/api"
+    env = {
+        **os.environ, **OFFLINE_ENV,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # The UI asks its browser to call this API; Prefect's default ignores --host/--port.
+        "PREFECT_UI_API_URL": api_url,
+        # An offline server must not advertise cloud upgrades.
+        "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+    }
+    print(f"Prefect server on http://{public_host}:{args.port} -- clients: PREFECT_API_URL={api_url}", flush=True)
     os.execve(prefect, [prefect, "server", "start", "--host", args.host, "--port", str(args.port)], env)
     return EXIT_OK  # not reached
