@@ -78,6 +78,17 @@ class _TransientSlideFailure(RuntimeError):
     """Raised inside the slide task so that Prefect retries it (lost workers, I/O)."""
 
 
+class _SlideFailed(RuntimeError):
+    """Raised inside the slide task so that Prefect shows it Failed, with the error's kind,
+    message and remedy (never a path) as the state message; carries the slide's row."""
+
+    def __init__(self, row: dict[str, Any]) -> None:
+        error = row["error"]
+        text = f"{error['kind']}: {error['message']}" + (f" -- {error['hint']}" if error["hint"] else "")
+        super().__init__(" ".join(text.split()))
+        self.row = row
+
+
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry lost workers and I/O hiccups; never deterministic bad input."""
     return isinstance(state.result(raise_on_failure=False), _TransientSlideFailure)
@@ -99,6 +110,8 @@ def _analyse_one(batch_id: str, index: int, slide: str) -> dict[str, Any]:
     row = outcome.to_json()
     row["result_dir"] = os.path.relpath(row["result_dir"], settings.out_dir) if row["result_dir"] else None
     row["index"] = index
+    if row["status"] == "failed":
+        raise _SlideFailed(row)
     return row
 
 
@@ -114,7 +127,7 @@ def _failed_row(index: int, slide_id: str | None, model: str, message: str) -> d
 
 
 def _build_flow() -> Any:
-    from prefect import flow, task
+    from prefect import flow, get_run_logger, task
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
     from prefect.cache_policies import NO_CACHE
     from prefect.states import Completed, Failed
@@ -152,6 +165,8 @@ def _build_flow() -> Any:
             for i, future in enumerate(futures):
                 try:
                     rows.append(future.result())
+                except _SlideFailed as exc:
+                    rows.append(exc.row)
                 except _TransientSlideFailure as exc:
                     identity = jobs[i].identity
                     rows.append(_failed_row(i, identity.slide_id if identity else None, info.ref, str(exc)))
@@ -173,6 +188,8 @@ def _build_flow() -> Any:
                   f"{sum(r['tiles'] or 0 for r in rows)} tiles")
         create_table_artifact(key="wsiflow-batch", table=table, description=f"wsiflow batch {batch_id}: {totals}")
         create_markdown_artifact(key="wsiflow-batch-totals", markdown=f"**{totals}**", description="run totals")
+        if failed:
+            get_run_logger().warning("%s", totals)
         if failed == len(rows) and rows:
             return Failed(message=totals, data=rows)
         if failed:

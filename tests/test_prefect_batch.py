@@ -73,6 +73,17 @@ def test_batch_flow_on_the_server(prefect_server, wsiflow_cli, cmu_svs, tmp_path
         time.sleep(1)
     names = sorted(t["name"] for t in task_runs)
     assert names == sorted(f"slide-{r['slide_id']}" for r in report["slides"])
+    # A failed slide is a Failed task run that says why (kind, message, remedy), not a green one.
+    states = {}
+    while time.monotonic() < deadline + 60:
+        states = {t["name"]: t["state"] for t in _api(prefect_server, "/task_runs/filter", {"limit": 200})
+                  if t["flow_run_id"] == run["id"]}
+        if all(s and s["type"] in ("COMPLETED", "FAILED") for s in states.values()):
+            break
+        time.sleep(1)
+    good, bad = (f"slide-{r['slide_id']}" for r in report["slides"])
+    assert states[good]["type"] == "COMPLETED"
+    assert states[bad]["type"] == "FAILED" and "corrupt:" in states[bad]["message"]
     artifacts = [a for a in _api(prefect_server, "/artifacts/filter", {"limit": 200})
                  if a.get("flow_run_id") == run["id"]]
     table = next(a for a in artifacts if a["key"] == "wsiflow-batch")
