@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models import LoadedModel, Registry, WeightsIntegrityError
-from pipeline import ModelInfo
+from pipeline import ModelInfo, Preprocessing
 
-__all__ = ["ModelRef", "resolve_model", "load_model_ref"]
+__all__ = ["ModelRef", "resolve_model", "describe_model", "load_model_ref"]
 
 # Per process: models by weights digest.
 _MODELS: dict[str, LoadedModel] = {}
@@ -40,6 +40,14 @@ def resolve_model(ref: str, models_dir: Path | None) -> tuple[ModelRef, ModelInf
     _MODELS[manifest.weights_sha256] = model
     info = ModelInfo(manifest.name, manifest.version, manifest.weights_sha256, tuple(c.color for c in manifest.classes))
     return ModelRef(str(registry.site_root.resolve()), manifest.ref, manifest.weights_sha256), info, model
+
+
+def describe_model(ref: str, models_dir: Path | None) -> tuple[ModelInfo, Preprocessing]:
+    """``ref``'s identity and input from its manifest alone (no weights read): for checks
+    made before the process that loads (and verifies) the model starts."""
+    manifest = _registry(models_dir).resolve(ref).manifest
+    info = ModelInfo(manifest.name, manifest.version, manifest.weights_sha256, tuple(c.color for c in manifest.classes))
+    return info, manifest.preprocessing
 
 
 def load_model_ref(model: ModelRef) -> LoadedModel:

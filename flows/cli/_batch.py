@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from dataclasses import replace
 
-from pipeline import expand_slide_arguments, site_secret
+from pipeline import site_secret
 
 from .._config import WsiflowConfig
-from .._model_ref import resolve_model
+from .._model_ref import describe_model
 from .._slide_job import identify_jobs
 from ._common import EXIT_FAILED, EXIT_OK
-from ._options import add_settings_options, add_slides_options, build_run_settings
+from ._options import (
+    add_settings_options,
+    add_slides_options,
+    build_run_settings,
+    expand_slides_or_report,
+    pin_and_check_model,
+)
 from ._report import print_report
 
 __all__ = ["add_batch_parser", "run_batch_command"]
@@ -38,14 +42,12 @@ def run_batch_command(args: argparse.Namespace, config: WsiflowConfig) -> int:
     from .._batch import run_batch
 
     settings = build_run_settings(config, args)
-    slides = [os.fspath(p) for p in expand_slide_arguments(args.slides)]
+    slides = expand_slides_or_report(args.slides)
     if not slides:
-        print("wsiflow: error not-found: no slides matched the arguments", file=sys.stderr)
         return EXIT_FAILED
-    _, info, loaded = resolve_model(settings.model, settings.models_dir)
-    settings = replace(settings, model=info.ref)  # pinned: a promotion mid-batch changes nothing
-    settings.analysis.grid.spec(loaded.preprocessing, info.ref)  # refuse bad grid options before the flow
-    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    # The flow loads and verifies the weights; here the manifest is enough.
+    info, preprocessing = describe_model(settings.model, settings.models_dir)
+    settings = pin_and_check_model(settings, preprocessing, info)
     batch_id, flow_rows, state = run_batch(settings, identify_jobs(slides, site_secret()))
     rows = []
     for flow_row in flow_rows:

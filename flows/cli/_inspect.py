@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 from models import Registry
@@ -15,13 +14,13 @@ from pipeline import (
     MppPolicy,
     Preprocessing,
     SlideReport,
-    expand_slide_arguments,
     inspect_slide,
     site_secret,
 )
 
 from .._config import WsiflowConfig
 from ._common import EXIT_FAILED, EXIT_OK, mpp_arg, positive_int
+from ._options import expand_slides_or_report
 
 __all__ = ["add_inspect_parser", "run_inspect"]
 
@@ -113,9 +112,8 @@ def _human(report: SlideReport, label: str) -> str:
 def run_inspect(args: argparse.Namespace, config: WsiflowConfig) -> int:
     grid = _grid(config, args)
     policy = MppPolicy(cli_mpp=args.mpp, overrides=config.mpp_overrides, force=args.mpp_force)
-    slides = [os.fspath(p) for p in expand_slide_arguments(args.slides)]
+    slides = expand_slides_or_report(args.slides)
     if not slides:
-        print("wsiflow: error not-found: no slides matched the arguments", file=sys.stderr)
         return EXIT_FAILED
     secret = site_secret()
     reports: list[dict[str, object]] = []

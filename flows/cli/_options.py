@@ -8,17 +8,29 @@ config is never masked by an argparse default.
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipeline import BACKEND_NAMES, AnalysisParams, ConfigError, MppPolicy, RunSettings
+from pipeline import (
+    BACKEND_NAMES,
+    AnalysisParams,
+    ConfigError,
+    ModelInfo,
+    MppPolicy,
+    Preprocessing,
+    RunSettings,
+    expand_slide_arguments,
+)
 
 from .._config import WsiflowConfig
 from ._common import mpp_arg, positive_int
 
-__all__ = ["add_settings_options", "add_slides_options", "build_run_settings"]
+__all__ = ["add_settings_options", "add_slides_options", "build_run_settings", "expand_slides_or_report",
+           "pin_and_check_model"]
 
 
 def add_slides_options(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +95,25 @@ def _check_dask_address(address: str | None) -> str | None:
     if address is not None and not re.fullmatch(r"(tcp|tls|inproc|ucx)://[^\s/]+(:\d+)?/?", address):
         raise ConfigError(f"dask address {address!r} is not a scheduler URL", hint="use tcp://HOST:PORT")
     return address
+
+
+def expand_slides_or_report(arguments: list[str]) -> list[str]:
+    """The slides the arguments mean; an empty list after printing the one-line error."""
+    slides = [os.fspath(p) for p in expand_slide_arguments(arguments)]
+    if not slides:
+        print("wsiflow: error not-found: no slides matched the arguments", file=sys.stderr)
+    return slides
+
+
+def pin_and_check_model(settings: RunSettings, preprocessing: Preprocessing, info: ModelInfo,
+                        *, pin: bool = True) -> RunSettings:
+    """Refuse grid options the model cannot take before any slide, pin the model version
+    (a promotion mid-run then changes nothing), and make the output folder."""
+    settings.analysis.grid.spec(preprocessing, info.ref)
+    if pin:
+        settings = replace(settings, model=info.ref)
+    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    return settings
 
 
 def build_run_settings(config: WsiflowConfig, args: argparse.Namespace) -> RunSettings:

@@ -5,16 +5,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import replace
 
-from pipeline import expand_slide_arguments, site_secret
+from pipeline import site_secret
 
 from .._config import WsiflowConfig
 from .._model_ref import resolve_model
 from .._runs import SlideRunner
 from .._slide_job import identify_job
 from ._common import EXIT_FAILED, EXIT_OK
-from ._options import add_settings_options, add_slides_options, build_run_settings
+from ._options import (
+    add_settings_options,
+    add_slides_options,
+    build_run_settings,
+    expand_slides_or_report,
+    pin_and_check_model,
+)
 from ._report import print_report, slide_lines
 
 __all__ = ["add_run_parser", "run_run"]
@@ -47,14 +52,11 @@ def run_run(args: argparse.Namespace, config: WsiflowConfig) -> int:
 
         return run_batch_command(args, config)
     settings = build_run_settings(config, args)
-    slides = [os.fspath(p) for p in expand_slide_arguments(args.slides)]
+    slides = expand_slides_or_report(args.slides)
     if not slides:
-        print("wsiflow: error not-found: no slides matched the arguments", file=sys.stderr)
         return EXIT_FAILED
     model, info, loaded = resolve_model(settings.model, settings.models_dir)
-    settings = replace(settings, model=info.ref)  # pinned: a promotion mid-run changes nothing
-    settings.analysis.grid.spec(loaded.preprocessing, info.ref)  # refuse bad grid options before any slide
-    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    settings = pin_and_check_model(settings, loaded.preprocessing, info)
     secret = site_secret()
     runner = SlideRunner(settings, model, info)
     rows = []

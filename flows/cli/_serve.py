@@ -12,9 +12,9 @@ from pathlib import Path
 from pipeline import OFFLINE_ENV
 
 from .._config import WsiflowConfig
-from .._model_ref import resolve_model
+from .._model_ref import describe_model
 from ._common import EXIT_FAILED, EXIT_OK
-from ._options import add_settings_options, build_run_settings
+from ._options import add_settings_options, build_run_settings, pin_and_check_model
 
 __all__ = ["add_serve_parser", "add_server_parser", "run_serve", "run_server"]
 
@@ -65,9 +65,9 @@ def run_serve(args: argparse.Namespace, config: WsiflowConfig) -> int:
         print("wsiflow: error not-found: the inbox folder does not exist", file=sys.stderr)
         return EXIT_FAILED
     settings = build_run_settings(config, args)
-    _, info, loaded = resolve_model(settings.model, settings.models_dir)
-    settings.analysis.grid.spec(loaded.preprocessing, info.ref)  # refuse bad grid options now, not per slide
-    settings.out_dir.mkdir(parents=True, exist_ok=True)
+    info, preprocessing = describe_model(settings.model, settings.models_dir)
+    # Not pinned: an inbox follows the model's default version, so a promotion takes over.
+    settings = pin_and_check_model(settings, preprocessing, info, pin=False)
     inbox_id = save_inbox(os.fspath(args.inbox), settings)
     schedule = {"cron": args.cron} if args.cron else {"interval": args.interval or 300}
     print(f"serving inbox {inbox_id} as deployment wsiflow-inbox/{inbox_id} ({schedule}); Ctrl-C stops", flush=True)
