@@ -58,6 +58,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_prefect_server(process: subprocess.Popen, api_url: str, log_path: Path) -> None:
+    """Wait until the server at ``api_url`` answers its health check (it takes 20-60 s)."""
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the Prefect server did not start: {log_path.read_text()[-2000:]}")
+        time.sleep(1)
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> object:
     """One real Prefect server for the whole session (it takes 20-60 s to start), on 127.0.0.1."""
@@ -78,18 +94,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> object:
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the Prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
-        time.sleep(1)
+    wait_for_prefect_server(process, url, home / "server.log")
     yield {"url": url, "home": home, "env": env}
     process.terminate()
     try:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import urllib.request
 
 import pytest
 
-from tests.conftest import _free_port
+from tests.conftest import _free_port, wait_for_prefect_server
 
 pytestmark = pytest.mark.slow
 
@@ -29,16 +28,7 @@ def test_server_on_another_port_serves_a_ui_that_finds_its_api(wsiflow_cli, tmp_
                                stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if _get(f"{base}/api/health") is True:
-                    break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
-            time.sleep(1)
+        wait_for_prefect_server(process, f"{base}/api", tmp_path / "server.log")
         ui = _get(f"{base}/ui-settings")
         assert ui["api_url"] == f"{base}/api"  # not the default port 4200
         settings = _get(f"{base}/api/admin/settings")
