@@ -82,7 +82,7 @@ class DaskChunkExecutor:
         self,
         tasks: Sequence[ChunkTask],
         job: ChunkJob,
-        run_local: Callable[[ChunkTask], None],
+        run_local: Callable[[Sequence[ChunkTask]], None],
         advance: Callable[[int], None] | None,
     ) -> None:
         from concurrent.futures import CancelledError

@@ -3,7 +3,7 @@
 Imports nothing from ``models``, ``flows`` or ``viewer``.
 """
 
-from ._analysis import Progress, analyse_slide
+from ._analysis import analyse_slide
 from ._backend import BACKEND_NAMES, SLIDE_SUFFIXES, BackendName, SlideBackend, is_dicom_folder, open_backend
 from ._chunk_run import ChunkExecutor, ChunkJob, run_chunk
 from ._chunks import ChunkTask, plan_chunks
@@ -46,6 +46,7 @@ from ._privacy import (
     site_secret,
     slide_id,
 )
+from ._progress import ANALYSIS_STAGES, Progress
 from ._result import (
     LATEST_LINK,
     RESULT_FILES,
@@ -77,6 +78,7 @@ __all__ = [
     "identify_slide",
     "SlideStatus",
     "Progress",
+    "ANALYSIS_STAGES",
     "from_data",
     "to_data",
     "default_readers",

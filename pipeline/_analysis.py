@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ._backend import open_backend
-from ._chunk_run import ChunkExecutor, ChunkJob, chunk_marker, run_chunk, run_sequentially
-from ._chunks import ChunkTask, plan_chunks
+from ._chunk_run import ChunkExecutor, ChunkJob, chunk_marker, run_chunks, run_sequentially
+from ._chunks import ChunkTask, choose_chunk_cells, plan_chunks
 from ._classifier import PatchClassifier
 from ._engine import resolve_device
 from ._errors import OutputError, WsiflowError
@@ -40,6 +40,7 @@ from ._omezarr import (
 from ._outcome import SlideOutcome
 from ._overview import write_overview
 from ._privacy import record_slide_location
+from ._progress import Progress
 from ._result import ModelInfo, ResultFolder, ResultManifest, atomic_write_text
 from ._settings import RunSettings, analysis_digest
 from ._slide import Slide, backend_mpp
@@ -47,14 +48,11 @@ from ._summary import SummaryInputs, build_summary
 from ._tables import TileResults, write_geojson, write_tile_table
 from ._tissue import TissueMask, detect_tissue
 
-__all__ = ["analyse_slide", "Progress"]
+__all__ = ["analyse_slide"]
 
 _log = logging.getLogger(__name__)
 
 _OVERVIEW_MAX_PX = 1024
-
-Progress = Callable[[int, int], Callable[[int], None]]
-"""``progress(total_tiles, already_done)`` returns a callback taking tiles per batch."""
 
 
 @dataclass
@@ -121,6 +119,7 @@ class _Layout:
 
     mask: TissueMask
     grid: TileGrid
+    chunk_cells: int
     tasks: list[ChunkTask]
     pending: list[ChunkTask]
 
@@ -198,9 +197,34 @@ def _layout(slide: Slide, spec: GridSpec, settings: RunSettings, folder: ResultF
     tissue = settings.analysis.tissue
     mask = detect_tissue(slide.read_thumbnail(tissue.mask_mpp), tissue.mask_mpp, tissue)
     grid = make_tile_grid(slide.info.width, slide.info.height, slide.mpp.mpp_x, slide.mpp.mpp_y, spec, mask)
-    tasks = plan_chunks(grid, settings.analysis.chunk_cells)
+    chunk_cells = choose_chunk_cells(grid, settings.analysis.chunk_cells)
+    tasks = plan_chunks(grid, chunk_cells)
     pending = [t for t in tasks if not chunk_marker(folder.chunk_markers, t).exists()]
-    return _Layout(mask, grid, tasks, pending)
+    return _Layout(mask, grid, chunk_cells, tasks, pending)
+
+
+def _stage(progress: Progress | None, sid: str | None, name: str, detail: str = "") -> None:
+    _log.info("slide %s: %s%s", sid, name, f" ({detail})" if detail else "")
+    if progress is not None:
+        progress.stage(name, detail)
+
+
+def _logged_progress(sid: str, total: int, done: int,
+                     shown: Callable[[int], None] | None) -> Callable[[int], None]:
+    """The tile callback: passes batches on to ``shown`` and logs every tenth of the slide
+    at INFO (what ``-v`` and a Prefect worker's log show instead of a bar)."""
+    state = {"done": done, "logged": done * 10 // max(total, 1)}
+
+    def advance(tiles: int) -> None:
+        state["done"] += tiles
+        tenth = state["done"] * 10 // max(total, 1)
+        if tenth > state["logged"]:
+            state["logged"] = tenth
+            _log.info("slide %s: %d/%d tiles (%d %%)", sid, state["done"], total, 100 * state["done"] // total)
+        if shown is not None:
+            shown(tiles)
+
+    return advance
 
 
 def _compute(ctx: _Context, layout: _Layout, resumed: bool, executor: ChunkExecutor | None,
@@ -209,13 +233,18 @@ def _compute(ctx: _Context, layout: _Layout, resumed: bool, executor: ChunkExecu
     folder, slide, settings = ctx.plan.folder, ctx.slide, ctx.settings
     if not (resumed and (folder.heatmap / "0").exists()):
         create_heatmap(folder.heatmap, len(ctx.classifier.class_names), layout.grid.n_rows, layout.grid.n_cols,
-                       settings.analysis.chunk_cells)
+                       layout.chunk_cells)
     grid_total = len(layout.grid)
-    on_batch = progress(grid_total, grid_total - layout.pending_tiles) if progress else None
+    done = grid_total - layout.pending_tiles
+    _stage(progress, ctx.identity.slide_id, "classifying",
+           f"{grid_total:,} tiles in {len(layout.tasks)} chunks"
+           + (f", {len(layout.tasks) - len(layout.pending)} chunks already done" if resumed else ""))
+    on_batch = _logged_progress(ctx.identity.slide_id, grid_total, done,
+                                progress.tiles(grid_total, done) if progress else None)
 
-    def run_here(task: ChunkTask) -> None:
-        run_chunk(task, slide, ctx.classifier, ctx.plan.spec, folder.heatmap, folder.chunk_markers,
-                  settings.engine, on_batch)
+    def run_here(tasks: Sequence[ChunkTask]) -> None:
+        run_chunks(tasks, slide, ctx.classifier, ctx.plan.spec, folder.heatmap, folder.chunk_markers,
+                   settings.engine, on_batch)
 
     job = ChunkJob(
         slide_id=ctx.identity.slide_id, slide_path=os.fspath(ctx.path.resolve()), backend=slide.info.backend,
@@ -281,6 +310,7 @@ def analyse_slide(
     ``identity`` (computed once by the caller) saves hashing the slide again.
     """
     attempt = _Attempt(model=model.ref)
+    _stage(progress, identity.slide_id if identity else None, "opening")
     slide_path = Path(path)
     try:
         with _open(slide_path, settings, secret, identity, attempt) as (slide, ident):
@@ -289,20 +319,23 @@ def analyse_slide(
             with _result_lock(plan.folder, sid):
                 record_slide_location(sid, slide_path)
                 if not settings.force and plan.folder.is_complete(plan.key):
+                    _stage(progress, sid, "reused", "a complete result with the same parameters exists")
                     return _reused(plan.folder, attempt, sid)
                 resumed = _prepare_work(plan.folder, plan.key, settings.force)
                 ctx = _Context(slide_path, slide, ident, classifier, model, settings, plan)
                 clock = _Clock(attempt.started)
+                _stage(progress, sid, "finding tissue")
                 layout = _layout(slide, plan.spec, settings, plan.folder)
                 clock.lap("tissue_s")
                 _compute(ctx, layout, resumed, executor, progress)
                 clock.lap("inference_s")
+                _stage(progress, sid, "writing results")
                 results, regions = _write_outputs(ctx, layout)
                 clock.lap("finalize_s")
                 summary = build_summary(SummaryInputs(
                     sid, model, classifier.class_names, settings.analysis, layout.grid, slide, results,
                     layout.mask, settings.engine, resolve_device(settings.engine.device),
-                    clock.timings(layout.pending_tiles), regions,
+                    clock.timings(layout.pending_tiles), regions, layout.chunk_cells, len(layout.tasks),
                 ))
                 _seal(plan.folder, plan.key, sid, model, summary)
                 return SlideOutcome(

@@ -23,7 +23,7 @@ from ._omezarr import write_heatmap_block
 from ._result import atomic_write_text
 from ._slide import Slide
 
-__all__ = ["ChunkJob", "ChunkExecutor", "run_chunk", "run_sequentially", "chunk_marker"]
+__all__ = ["ChunkJob", "ChunkExecutor", "run_chunk", "run_chunks", "run_sequentially", "chunk_marker"]
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class ChunkJob:
 
 
 class ChunkExecutor(Protocol):
-    """Runs every task: in this process (``run_local``) or elsewhere (from ``job``).
+    """Runs every task: in this process (``run_local(tasks)``) or elsewhere (from ``job``).
 
     ``advance(n)`` reports tiles finished by executors that cannot report per batch.
     Must raise a :class:`WsiflowError` for a chunk that fails.
@@ -53,23 +53,65 @@ class ChunkExecutor(Protocol):
         self,
         tasks: Sequence[ChunkTask],
         job: ChunkJob,
-        run_local: Callable[[ChunkTask], None],
+        run_local: Callable[[Sequence[ChunkTask]], None],
         advance: Callable[[int], None] | None,
     ) -> None: ...
 
 
 def run_sequentially(
-    tasks: Sequence[ChunkTask], job: ChunkJob, run_local: Callable[[ChunkTask], None],
+    tasks: Sequence[ChunkTask], job: ChunkJob, run_local: Callable[[Sequence[ChunkTask]], None],
     advance: Callable[[int], None] | None,
 ) -> None:
-    """The default executor: every chunk in this process, in order."""
-    for task in tasks:
-        run_local(task)
+    """The default executor: every chunk in this process, in order, in one tile stream."""
+    run_local(tasks)
 
 
 def chunk_marker(done_dir: Path, task: ChunkTask) -> Path:
     """The file whose presence says ``task`` is finished (its heatmap block is written)."""
     return done_dir / f"{task.name}.done"
+
+
+def run_chunks(
+    tasks: Sequence[ChunkTask],
+    slide: Slide,
+    classifier: PatchClassifier,
+    grid_spec: GridSpec,
+    heatmap_path: Path,
+    done_dir: Path,
+    engine: EngineSettings,
+    on_batch: Callable[[int], None] | None = None,
+) -> None:
+    """Classify the chunks' tiles in one stream; write each chunk's block and mark it done
+    as soon as its last tile is classified.
+
+    One stream, not one per chunk: the readers keep decoding the next chunk's tiles while
+    the model works on this one's, so small chunks (fine-grained resume) cost little speed.
+    """
+    tile, mpp = grid_spec.tile_size_px, grid_spec.target_mpp
+    owner = [(t, i) for t, task in enumerate(tasks) for i in range(len(task))]
+    ends = np.cumsum([len(task) for task in tasks])
+    probabilities = np.empty((len(owner), len(classifier.class_names)), dtype=np.float32)
+    written = 0
+
+    def read(k: int) -> np.ndarray:
+        t, i = owner[k]
+        return slide.read_region_at_mpp(tasks[t].x[i], tasks[t].y[i], tile, tile, mpp)
+
+    def finish_chunks(start: int, batch: np.ndarray) -> None:
+        nonlocal written
+        probabilities[start : start + len(batch)] = batch
+        filled = start + len(batch)
+        while written < len(tasks) and ends[written] <= filled:
+            task = tasks[written]
+            first = int(ends[written]) - len(task)
+            write_heatmap_block(heatmap_path, task.row_range, task.col_range, task.rows, task.cols,
+                                probabilities[first : int(ends[written])])
+            atomic_write_text(chunk_marker(done_dir, task), str(len(task)))
+            written += 1
+
+    # Batches end at chunk ends, so a resumed run computes each chunk exactly as before.
+    classify_stream(classifier, read, range(len(owner)), engine, on_batch, finish_chunks,
+                    segment_ends=[int(e) for e in ends])
 
 
 def run_chunk(
@@ -82,12 +124,5 @@ def run_chunk(
     engine: EngineSettings,
     on_batch: Callable[[int], None] | None = None,
 ) -> None:
-    """Read a chunk's tiles, classify them, write its heatmap block, mark it done."""
-    tile, mpp = grid_spec.tile_size_px, grid_spec.target_mpp
-
-    def read(i: int) -> np.ndarray:
-        return slide.read_region_at_mpp(task.x[i], task.y[i], tile, tile, mpp)
-
-    probabilities = classify_stream(classifier, read, range(len(task)), engine, on_batch)
-    write_heatmap_block(heatmap_path, task.row_range, task.col_range, task.rows, task.cols, probabilities)
-    atomic_write_text(chunk_marker(done_dir, task), str(len(task)))
+    """Read one chunk's tiles, classify them, write its heatmap block, mark it done."""
+    run_chunks([task], slide, classifier, grid_spec, heatmap_path, done_dir, engine, on_batch)

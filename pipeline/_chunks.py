@@ -15,7 +15,13 @@ import numpy as np
 
 from ._grid import TileGrid
 
-__all__ = ["ChunkTask", "plan_chunks"]
+__all__ = ["ChunkTask", "plan_chunks", "choose_chunk_cells", "MIN_CHUNKS_PER_SLIDE", "CHUNK_CELL_CHOICES"]
+
+MIN_CHUNKS_PER_SLIDE = 20
+"""An interrupted slide should lose at most about 1/20 of its work (see ``choose_chunk_cells``)."""
+CHUNK_CELL_CHOICES = (64, 32, 16, 8)
+"""Block edges tried, largest first: 64 x 64 tiles bounds a chunk's work; 8 x 8 bounds the
+per-chunk overhead (one Zarr chunk, one marker, one scheduler task)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,28 @@ class ChunkTask:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+
+def _occupied_blocks(grid: TileGrid, chunk_cells: int) -> int:
+    if not len(grid):
+        return 0
+    n_block_cols = -(-grid.n_cols // chunk_cells)
+    return int(np.unique((grid.rows // chunk_cells) * n_block_cols + grid.cols // chunk_cells).size)
+
+
+def choose_chunk_cells(grid: TileGrid, requested: int | None) -> int:
+    """The heatmap block edge (grid cells) for ``grid``: ``requested`` when given, else the
+    largest of :data:`CHUNK_CELL_CHOICES` that cuts the kept tiles into at least
+    :data:`MIN_CHUNKS_PER_SLIDE` chunks (the smallest choice when none does).
+
+    Only the grid decides it, so a resumed run cuts the slide exactly as the first one did.
+    """
+    if requested is not None:
+        return requested
+    for cells in CHUNK_CELL_CHOICES:
+        if _occupied_blocks(grid, cells) >= MIN_CHUNKS_PER_SLIDE:
+            return cells
+    return CHUNK_CELL_CHOICES[-1]
 
 
 def plan_chunks(grid: TileGrid, chunk_cells: int) -> list[ChunkTask]:

@@ -8,6 +8,7 @@ batches ahead of the model, so memory stays bounded whatever the slide size.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -108,18 +109,28 @@ def classify_stream(
     indices: Sequence[int],
     settings: EngineSettings,
     on_batch: Callable[[int], None] | None = None,
+    on_probabilities: Callable[[int, np.ndarray], None] | None = None,
+    segment_ends: Sequence[int] = (),
 ) -> np.ndarray:
     """Probabilities (len(indices), classes) float32 for the tiles ``read_tile(i)``.
 
     Output order follows ``indices``; results do not depend on thread timing.
-    ``on_batch(n)`` is called after each batch with the number of tiles it held.
+    After each batch, ``on_probabilities(start, probabilities)`` receives the batch's rows
+    of the output (``start`` is their position in it), then ``on_batch(n)`` the number of
+    tiles it held. No batch spans a position in ``segment_ends``: a segment's batches (and
+    so its probabilities, bit for bit) do not depend on what is classified around it.
     """
     model = _Model(classifier, resolve_device(settings.device), settings.cpu_threads)
     tile = classifier.preprocessing.tile_size_px
     out = np.empty((len(indices), len(classifier.class_names)), dtype=np.float32)
     if not len(indices):
         return out
-    batches = [list(indices[i : i + settings.batch_size]) for i in range(0, len(indices), settings.batch_size)]
+    bounds = [0, *sorted({e for e in segment_ends if 0 < e < len(indices)}), len(indices)]
+    batches = [
+        list(indices[i : min(i + settings.batch_size, stop)])
+        for start, stop in itertools.pairwise(bounds)
+        for i in range(start, stop, settings.batch_size)
+    ]
 
     def read_batch(batch: list[int], pool: ThreadPoolExecutor) -> list[Future[np.ndarray]]:
         return [pool.submit(read_tile, i) for i in batch]
@@ -138,6 +149,8 @@ def classify_stream(
                 for k, future in enumerate(futures):
                     tiles[k] = future.result()
                 out[done : done + len(batch)] = model(tiles)
+                if on_probabilities is not None:
+                    on_probabilities(done, out[done : done + len(batch)])
                 done += len(batch)
                 if on_batch is not None:
                     on_batch(len(batch))

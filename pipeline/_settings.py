@@ -77,8 +77,10 @@ class AnalysisParams:
 
     grid: GridSettings = field(default_factory=GridSettings)
     tissue: TissueParams = field(default_factory=TissueParams)
-    chunk_cells: int = 64
-    """Heatmap block edge in grid cells: the unit of work, resume and Zarr chunking."""
+    chunk_cells: int | None = None
+    """Heatmap block edge in grid cells: the unit of work, resume and Zarr chunking.
+    None: chosen per slide so that it has enough chunks to resume finely
+    (``pipeline.choose_chunk_cells``)."""
     region_threshold: float = 0.5
     """Probability above which tiles form a class region in results.geojson."""
     hotspots: int = 10
@@ -87,8 +89,9 @@ class AnalysisParams:
     """Class shown in overview.png; None = the second class (the first is usually background)."""
 
     def __post_init__(self) -> None:
-        if self.chunk_cells < 1:
-            raise ConfigError(f"chunk_cells = {self.chunk_cells} must be at least 1", hint="the default is 64")
+        if self.chunk_cells is not None and self.chunk_cells < 1:
+            raise ConfigError(f"chunk_cells = {self.chunk_cells} must be at least 1",
+                              hint="null (the default) chooses it per slide")
         if not 0.0 < self.region_threshold < 1.0:
             raise ConfigError(f"region_threshold = {self.region_threshold} must be between 0 and 1")
         if self.hotspots < 0:

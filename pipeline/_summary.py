@@ -35,6 +35,9 @@ class SummaryInputs:
     device: str
     timings: dict[str, float | int | None]
     regions: int
+    chunk_cells: int
+    """The block edge the slide was cut with (``params.chunk_cells``, or chosen per slide)."""
+    chunks: int
 
 
 def _hotspots(inputs: SummaryInputs) -> dict[str, list[dict[str, Any]]]:
@@ -86,6 +89,7 @@ def build_summary(inputs: SummaryInputs) -> dict[str, Any]:
         "hotspots": _hotspots(inputs),
         "regions": inputs.regions,
         "timings": inputs.timings,
+        "chunks": {"cells": inputs.chunk_cells, "count": inputs.chunks},
         "provenance": {
             "wsiflow_version": package_version("wsiflow"),
             "model": {"name": inputs.model.name, "version": inputs.model.version, "sha256": inputs.model.sha256},

@@ -156,7 +156,7 @@ def test_interrupted_run_resumes_bit_identically_and_redoes_only_unfinished_chun
         for n, task in enumerate(tasks):
             if n == 2:
                 raise _Killed
-            run(task)
+            run([task])
 
     out = tmp_path / "interrupted"
     with pytest.raises(_Killed):

@@ -20,6 +20,7 @@ from pathlib import Path
 from pipeline import ConfigError, WsiflowError, apply_offline_env
 
 from .._config import load_config
+from .._logs import configure_logging
 from ._audit import add_audit_parser, run_audit
 from ._batch import add_batch_parser, run_batch_command
 from ._common import EXIT_FAILED, EXIT_USAGE
@@ -77,16 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(debug: bool, verbose: bool) -> None:
-    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wsiflow`` console script."""
     apply_offline_env()
     args = build_parser().parse_args(argv)
-    _configure_logging(args.debug, args.verbose)
+    configure_logging(logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING)
     try:
         config = load_config(args.config)
         return _COMMANDS[args.command](args, config)
