@@ -203,6 +203,10 @@ def _layout(slide: Slide, spec: GridSpec, settings: RunSettings, folder: ResultF
     return _Layout(mask, grid, chunk_cells, tasks, pending)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _stage(progress: Progress | None, sid: str | None, name: str, detail: str = "") -> None:
     _log.info("slide %s: %s%s", sid, name, f" ({detail})" if detail else "")
     if progress is not None:
@@ -237,8 +241,8 @@ def _compute(ctx: _Context, layout: _Layout, resumed: bool, executor: ChunkExecu
     grid_total = len(layout.grid)
     done = grid_total - layout.pending_tiles
     _stage(progress, ctx.identity.slide_id, "classifying",
-           f"{grid_total:,} tiles in {len(layout.tasks)} chunks"
-           + (f", {len(layout.tasks) - len(layout.pending)} chunks already done" if resumed else ""))
+           f"{_count(grid_total, 'tile')} in {_count(len(layout.tasks), 'chunk')}"
+           + (f", {len(layout.tasks) - len(layout.pending)} already done" if resumed else ""))
     on_batch = _logged_progress(ctx.identity.slide_id, grid_total, done,
                                 progress.tiles(grid_total, done) if progress else None)
 

@@ -273,7 +273,7 @@ class _TiffSlideBackend:
 def _check_readable(path: Path) -> None:
     """Raise the right wsiflow error when ``path`` is missing or unreadable."""
     if not path.exists():
-        raise SlideNotFoundError("no file or folder at the given path")
+        raise SlideNotFoundError.at(path)
     try:
         if path.is_dir():
             os.listdir(path)

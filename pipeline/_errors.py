@@ -8,6 +8,10 @@ up in results, logs or the Prefect UI); the caller knows which input it passed.
 
 from __future__ import annotations
 
+import errno
+import os
+from pathlib import Path
+
 __all__ = [
     "WsiflowError",
     "SlideNotFoundError",
@@ -55,6 +59,21 @@ class SlideNotFoundError(WsiflowError, FileNotFoundError):
 
     kind = "not-found"
     hint = "check the path; for DICOM give the folder of instances or one of its files"
+
+    @classmethod
+    def at(cls, path: os.PathLike[str] | str) -> SlideNotFoundError:
+        """The error for a path that cannot be found, saying whether it is a broken link or
+        a link loop (the commonest cause in slide folders), never naming the path."""
+        link = Path(path)
+        if link.is_symlink():
+            try:
+                link.stat()
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    return cls("the path is a loop of symbolic links", hint="fix or remove the link")
+            return cls("the path is a broken symbolic link (its target is gone)",
+                       hint="fix or remove the link, or restore the file it points to")
+        return cls("no file or folder at the given path")
 
 
 class SlidePermissionError(WsiflowError, PermissionError):

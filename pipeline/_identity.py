@@ -37,12 +37,14 @@ def identify_slide(path: str | os.PathLike[str], secret: bytes) -> SlideIdentity
     try:
         digest = content_digest(slide_path)
     except FileNotFoundError:
-        raise SlideNotFoundError("the slide does not exist") from None
+        raise SlideNotFoundError.at(slide_path) from None
     except PermissionError:
         raise SlidePermissionError("the slide cannot be read: permission denied") from None
     except IsADirectoryError:
         raise CorruptSlideError("the slide is a folder that cannot be hashed") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SlideNotFoundError.at(slide_path) from None
         reason = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
         raise CorruptSlideError(f"reading the slide's bytes failed ({reason})") from None
     return SlideIdentity(digest, slide_id(digest, secret))

@@ -186,7 +186,12 @@ def test_interrupted_run_resumes_bit_identically_and_redoes_only_unfinished_chun
 def test_cli_run_batch_with_a_bad_slide_reuse_and_force(wsiflow_cli, cmu_svs, tmp_path):
     bad = shared_file("bad/unreadable-corrupt-tile.svs")
     out = tmp_path / "out"
-    args = ("run", cmu_svs, bad, "/nonexistent.svs", "--out", out, "--stride", "112", "--json")
+    # A missing argument stops the run (exit 2, tests/test_failure_modes.py); a slide that
+    # vanished from a folder (a broken link) fails only itself.
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "gone.svs").symlink_to(tmp_path / "nowhere.svs")
+    args = ("run", cmu_svs, bad, links, "--out", out, "--stride", "112", "--json")
     first = _run(wsiflow_cli, *args)
     assert first.returncode == 1, first.stderr
     report = _report(first)

@@ -23,7 +23,7 @@ from .._config import load_config
 from .._logs import configure_logging
 from ._audit import add_audit_parser, run_audit
 from ._batch import add_batch_parser, run_batch_command
-from ._common import EXIT_FAILED, EXIT_USAGE
+from ._common import EXIT_FAILED, EXIT_USAGE, OneLineArgumentParser
 from ._deid import add_deid_parser, run_deid
 from ._export import add_export_parser, run_export
 from ._inspect import add_inspect_parser, run_inspect
@@ -54,7 +54,7 @@ _COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="wsiflow",
         description="Self-hosted whole-slide image analysis. Nothing leaves this machine.",
     )
