@@ -8,6 +8,7 @@ The command line overrides the file (see ``flows.cli``'s settings builder).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "default_config_text",
+    "check_dask_address",
 ]
 
 _OVERRIDE_KEYS = {"label", "vendor", "folder", "mpp", "mpp_x", "mpp_y", "force"}
@@ -55,7 +57,8 @@ class ModelsConfig:
 class AnalysisConfig:
     """Result parameters beyond grid and tissue (see ``pipeline.AnalysisParams``)."""
 
-    chunk_cells: int = 64
+    chunk_cells: int | None = None
+    """Heatmap block edge in tiles; None: chosen per slide (see ``pipeline.choose_chunk_cells``)."""
     region_threshold: float = 0.5
     hotspots: int = 10
     overview_class: str | None = None
@@ -65,10 +68,21 @@ class AnalysisConfig:
                        hotspots=self.hotspots)  # the same range checks, at parse time
 
 
+def check_dask_address(address: str, where: str = "dask address") -> str:
+    """``address`` if it is a scheduler URL (``tcp://HOST:PORT``), else :class:`ConfigError`."""
+    if not re.fullmatch(r"(tcp|tls|inproc|ucx)://[^\s/]+(:\d+)?/?", address):
+        raise ConfigError(f"{where} {address!r} is not a scheduler URL", hint="use tcp://HOST:PORT")
+    return address
+
+
 @dataclass(frozen=True)
 class DaskConfig:
     address: str | None = None
     """An existing Dask scheduler (``tcp://host:port``) that runs chunks; None: local."""
+
+    def __post_init__(self) -> None:
+        if self.address is not None:
+            check_dask_address(self.address, "dask.address")  # refused when the config loads
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from ._errors import (
     UnsafeWeightsError,
     WeightsIntegrityError,
 )
-from ._finetune import annotated_dataset, finetune
+from ._finetune import annotated_dataset, check_training_inputs, finetune
 from ._import import import_model
 from ._loading import LoadedModel, build_module, load_model_from_dir
 from ._manifest import ClassInfo, Lineage, ModelManifest, Validation, parse_manifest, read_manifest, write_manifest
@@ -48,6 +48,7 @@ __all__ = [
     "Validation",
     "WeightsIntegrityError",
     "annotated_dataset",
+    "check_training_inputs",
     "build_module",
     "finetune",
     "import_model",

@@ -52,6 +52,8 @@ def read_annotations(path: Path) -> list[AnnotatedRegion]:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise TrainingDataError(f"the annotation file is not valid JSON ({exc})") from exc
+    except OSError as exc:
+        raise TrainingDataError(f"the annotation file cannot be read ({exc.strerror or type(exc).__name__})") from None
     regions = []
     for feature in _features(document):
         props = feature.get("properties") or {}

@@ -19,7 +19,7 @@ from ._manifest import ClassInfo, Lineage, ModelManifest, now_iso
 from ._train import EpochStats, TrainSettings, train_module
 from ._weights import sha256_bytes, state_dict_to_safetensors
 
-__all__ = ["annotated_dataset", "finetune"]
+__all__ = ["annotated_dataset", "check_training_inputs", "finetune"]
 
 class _TimmClassifier(Protocol):
     """What every timm model has beyond ``torch.nn.Module``: a replaceable classifier head."""
@@ -28,6 +28,22 @@ class _TimmClassifier(Protocol):
 
 
 _FALLBACK_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a65628", "#f781bf", "#999999")
+
+
+def check_training_inputs(slides: Sequence[Path], annotations: Sequence[Path]) -> None:
+    """One annotation file per slide, each a file: checked before a model loads or a slide
+    is sampled (minutes), else :class:`TrainingDataError`."""
+    if len(slides) != len(annotations) or not slides:
+        raise TrainingDataError(
+            f"got {len(slides)} slide(s) and {len(annotations)} annotation file(s)",
+            hint="give one annotation file per slide, in the same order",
+        )
+    unreadable = [str(i) for i, a in enumerate(annotations, start=1) if not Path(a).is_file()]
+    if unreadable:
+        raise TrainingDataError(
+            f"annotation file(s) {', '.join(unreadable)} of {len(annotations)} do not exist or are not files",
+            hint="give one GeoJSON file per slide, in the same order",
+        )
 
 
 def annotated_dataset(
@@ -40,11 +56,7 @@ def annotated_dataset(
     mpp_policy: MppPolicy | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Patches sampled inside the polygons of each (slide, annotation file) pair."""
-    if len(slides) != len(annotations) or not slides:
-        raise TrainingDataError(
-            f"got {len(slides)} slide(s) and {len(annotations)} annotation file(s)",
-            hint="give one annotation file per slide, in the same order",
-        )
+    check_training_inputs(slides, annotations)
     rng = np.random.default_rng(seed)
     per_slide = max(1, int(np.ceil(per_class / len(slides))))
     images, labels = [], []

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
-from ._errors import ManifestError, UnsafeWeightsError
+from pipeline import ConfigError
+
+from ._errors import ManifestError, UnsafeWeightsError, WeightsIntegrityError
 from ._loading import build_module
 from ._manifest import MANIFEST_NAME, Lineage, now_iso, parse_manifest, read_manifest
 from ._registry import ModelEntry, Registry
 from ._weights import (
     PICKLE_SUFFIXES,
+    check_safetensors,
     read_verified_weights,
+    read_weights_file,
     sha256_bytes,
     state_dict_from_pickle,
     state_dict_from_safetensors,
@@ -20,6 +25,17 @@ from ._weights import (
 )
 
 __all__ = ["import_model"]
+
+
+def _read_source(source: Path) -> bytes:
+    """The bytes of the file to import (a regular file, read to its size)."""
+    try:
+        return read_weights_file(source, what="the file to import")
+    except WeightsIntegrityError as exc:  # nothing is pinned yet: the offered file is what is unsafe
+        raise UnsafeWeightsError(
+            exc.message,
+            hint="give a model folder, a .safetensors file or a checkpoint that is a regular file",
+        ) from None
 
 
 def _template(path: Path | None, weights_sha: str, registry: Registry) -> dict:
@@ -53,6 +69,8 @@ def import_model(
     allow_pickle_conversion: bool = False,
 ) -> ModelEntry:
     """Add a model to the site registry from a model folder, a .safetensors or a checkpoint."""
+    if not os.path.lexists(source):
+        raise ConfigError("the model to import does not exist", hint="check the SOURCE path")
     if source.is_dir():
         manifest = read_manifest(source / MANIFEST_NAME)
         weights = read_verified_weights(source / manifest.weights_file, manifest.weights_sha256)
@@ -64,13 +82,14 @@ def import_model(
             raise UnsafeWeightsError(
                 f"{source.suffix} checkpoints are pickles; refusing without --allow-pickle-conversion"
             )
-        source_digest = sha256_bytes(source.read_bytes())
+        source_digest = sha256_bytes(_read_source(source))
         state = state_dict_from_pickle(source)
         weights = state_dict_to_safetensors(state)
         manifest = parse_manifest(_template(manifest_path, sha256_bytes(weights), registry))
         manifest = replace(manifest, lineage=replace(manifest.lineage or Lineage(), source_digest=source_digest))
     elif source.suffix == ".safetensors":
-        weights = source.read_bytes()
+        weights = _read_source(source)
+        check_safetensors(weights)  # a renamed pickle or TorchScript is refused before anything else
         manifest = parse_manifest(_template(manifest_path, sha256_bytes(weights), registry))
     else:
         raise UnsafeWeightsError(

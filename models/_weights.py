@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +17,8 @@ if TYPE_CHECKING:
 __all__ = [
     "PICKLE_SUFFIXES",
     "sha256_bytes",
+    "read_weights_file",
+    "check_safetensors",
     "read_verified_weights",
     "state_dict_from_safetensors",
     "state_dict_to_safetensors",
@@ -34,6 +39,58 @@ def refuse_pickle(path: Path) -> None:
         )
 
 
+def read_weights_file(path: Path, *, what: str = "the weights file") -> bytes:
+    """The bytes of a weights file, which must be a regular file (a link to one is fine).
+
+    A device (a link to ``/dev/zero`` never ends), a pipe (blocks until written) or a
+    folder is refused before it is read, and the read stops at the size the file had when
+    opened, so it always ends.
+    """
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; no effect on regular files.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        reason = "it does not exist" if exc.errno == errno.ENOENT else errno.errorcode.get(exc.errno or 0, "error")
+        raise WeightsIntegrityError(f"{what} cannot be opened ({reason})") from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise WeightsIntegrityError(
+                f"{what} is not a regular file (a device, pipe or folder, perhaps through a link); refusing to "
+                "read it",
+            )
+        try:
+            return fh.read(info.st_size)
+        except OSError as exc:
+            raise WeightsIntegrityError(
+                f"reading {what} failed ({errno.errorcode.get(exc.errno or 0, 'error')})"
+            ) from None
+
+
+def check_safetensors(data: bytes) -> None:
+    """Refuse bytes that are not a safetensors file before they reach a parser: a pickle or
+    a zip archive (``torch.save`` checkpoints, TorchScript) renamed ``.safetensors`` is
+    named as such. Format: an 8-byte little-endian header length, then a JSON header."""
+    header = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if 0 < header <= len(data) - 8 and data[8:9] == b"{":
+        return
+    if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        raise UnsafeWeightsError(
+            "the weights are a Python pickle named .safetensors: loading a pickle can run code",
+            hint="convert a trusted checkpoint with `wsiflow models import CHECKPOINT.pt --allow-pickle-conversion`",
+        )
+    if data[:4] == b"PK\x03\x04":
+        raise UnsafeWeightsError(
+            "the weights are a zip archive (a torch.save checkpoint or a TorchScript program) named .safetensors",
+            hint="save the model's state_dict (torch.save(model.state_dict(), 'm.pt')) and import that with "
+                 "--allow-pickle-conversion, or save it with safetensors",
+        )
+    raise UnsafeWeightsError(
+        "the weights are not a safetensors file (no safetensors header)",
+        hint="give weights saved with safetensors (safetensors.torch.save_file)",
+    )
+
+
 def read_verified_weights(path: Path, sha256: str) -> bytes:
     """The bytes of a safetensors file, only if they hash to ``sha256``.
 
@@ -43,7 +100,7 @@ def read_verified_weights(path: Path, sha256: str) -> bytes:
     refuse_pickle(path)
     if path.suffix != ".safetensors":
         raise UnsafeWeightsError(f"weights must be a .safetensors file, not {path.suffix or 'no suffix'}")
-    data = path.read_bytes()
+    data = read_weights_file(path)
     actual = sha256_bytes(data)
     if actual != sha256:
         raise WeightsIntegrityError(
@@ -53,9 +110,16 @@ def read_verified_weights(path: Path, sha256: str) -> bytes:
 
 
 def state_dict_from_safetensors(data: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors bytes; anything else is refused, never parsed as a pickle."""
+    from safetensors import SafetensorError
     from safetensors.torch import load
 
-    return load(data)
+    check_safetensors(data)
+    try:
+        return load(data)
+    except SafetensorError as exc:
+        raise UnsafeWeightsError(f"the weights are not a valid safetensors file ({exc})",
+                                 hint="give weights saved with safetensors (safetensors.torch.save_file)") from None
 
 
 def state_dict_to_safetensors(state_dict: dict[str, torch.Tensor]) -> bytes:

@@ -14,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import WsiflowError
+
+from ._errors import TrainingDataError
 from ._loading import LoadedModel, build_module
 from ._manifest import ClassInfo, Lineage, ModelManifest, Validation, now_iso, write_manifest
 from ._metrics import classification_metrics
@@ -126,9 +129,20 @@ fine-tune (`wsiflow train`) on your scanner's artefacts.
 """
 
 
-def main(argv: list[str] | None = None) -> int:
-    import torch
+def check_training_data(data_dir: Path) -> None:
+    """Every source image is in ``data_dir``, checked before anything is loaded (else
+    :class:`TrainingDataError` naming the missing sources)."""
+    sources = (*TRAIN_SOURCES, *HELD_OUT_SOURCES)
+    missing = [s.relative_path for s in sources if not (data_dir / s.relative_path).is_file()]
+    if missing:
+        raise TrainingDataError(
+            f"{len(missing)} of {len(sources)} training sources are missing from "
+            f"the data folder ({', '.join(missing)})",
+            hint="point --data (make model: SHARED_DATA=...) at the shared test data folder; see its README.md",
+        )
 
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.train_tissue_qc", description=__doc__.splitlines()[0])
     root = Path(__file__).resolve().parents[1]
     parser.add_argument("--data", type=Path, default=root.parent / "shared" / "data")
@@ -137,6 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-class", type=int, default=TRAIN_PER_CLASS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        check_training_data(args.data)
+        return _train(args)
+    except WsiflowError as exc:
+        # One line like the wsiflow CLI's; bad training data is a bad argument (exit 2).
+        _log.error("wsiflow: error %s", exc.one_line())
+        return 2 if isinstance(exc, TrainingDataError) else 1
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
     torch.use_deterministic_algorithms(True)
 
     start = time.perf_counter()

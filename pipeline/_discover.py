@@ -6,6 +6,7 @@ The one place that decides what a command-line slide argument means, so every co
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ._backend import SLIDE_SUFFIXES, is_dicom_folder
+from ._errors import ConfigError
 
 __all__ = ["expand_slide_arguments"]
 
@@ -30,7 +32,18 @@ def _hidden(path: Path) -> bool:
     return path.name.startswith(".")
 
 
-def _folder_slides(folder: Path) -> list[Path]:
+def _dangling(path: Path) -> str | None:
+    """``"a broken link"`` or ``"a link loop"`` for a symbolic link that leads nowhere, else None."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.stat()
+    except OSError as exc:
+        return "a link loop" if exc.errno == errno.ELOOP else "a broken link"
+    return None
+
+
+def _folder_slides(folder: Path, where: str, keep_broken_links: bool) -> list[Path]:
     """The slide files and DICOM-WSI subfolders of a folder of slides (sorted, one level)."""
     try:
         children = sorted(p for p in folder.iterdir() if not _hidden(p))
@@ -38,12 +51,21 @@ def _folder_slides(folder: Path) -> list[Path]:
         return [folder]  # unreadable: the analysis reports it (permission denied) as a slide
     slides: list[Path] = []
     stray_dicom = 0
-    for child in children:
+    for position, child in enumerate(children, start=1):
+        suffix = child.suffix.lower()
+        dangling = _dangling(child)
+        if dangling is not None and (suffix in SLIDE_SUFFIXES or not suffix):  # could be a slide or DICOM folder
+            # Never silently: the command reports it as a failed slide, the inbox logs it.
+            if keep_broken_links:
+                slides.append(child)
+            else:
+                _log.warning("%s, entry %d of %d: %s (its target cannot be read); skipped -- fix or remove "
+                             "the link", where, position, len(children), dangling)
+            continue
         if child.is_dir():
             if is_dicom_folder(child):
                 slides.append(child)
             continue
-        suffix = child.suffix.lower()
         if suffix == ".dcm":
             # One instance of a DICOM series is not a slide on its own; the series' folder is.
             stray_dicom += 1
@@ -59,36 +81,62 @@ def _folder_slides(folder: Path) -> list[Path]:
     return slides
 
 
-def _expand_path(path: Path) -> list[Path]:
+def _expand_path(path: Path, where: str, keep_broken_links: bool) -> list[Path]:
     """One existing or missing path -> the slides it stands for."""
     if path.is_dir() and not is_dicom_folder(path):
-        return _folder_slides(path)
+        return _folder_slides(path, f"{where} (a folder)", keep_broken_links)
     # A slide file, a DICOM-WSI folder, or a missing path: the analysis reports the latter.
     return [path]
 
 
-def expand_slide_arguments(arguments: Sequence[str]) -> list[Path]:
+def _refuse_missing(arguments: Sequence[str]) -> None:
+    """ConfigError naming (by position, never by path) each plain argument that leads nowhere."""
+    problems = []
+    for position, argument in enumerate(arguments, start=1):
+        if _is_glob(argument) or os.path.exists(argument):
+            continue
+        which = "the slide argument" if len(arguments) == 1 else f"slide argument {position} of {len(arguments)}"
+        dangling = _dangling(Path(argument))
+        problems.append(f"{which} is {dangling}" if dangling else f"{which} does not exist")
+    if problems:
+        raise ConfigError(
+            "; ".join(problems) + "; nothing was run",
+            hint="check the path: a slide file, a DICOM-WSI folder, a folder of slides or a quoted glob",
+        )
+
+
+def expand_slide_arguments(
+    arguments: Sequence[str], *, refuse_missing: bool = False, keep_broken_links: bool = False
+) -> list[Path]:
     """Slide arguments -> slide paths; order kept, duplicates removed.
 
     Each argument is a slide file (any suffix), a DICOM-WSI folder (one slide), a folder
     of slides (its slide files and DICOM-WSI subfolders, sorted, hidden entries skipped,
     one level deep; stray ``.dcm`` files in it are skipped), or a glob pattern quoted by
     the user (matches sorted, each expanded by the same rules; no match adds nothing).
-    A missing plain path is kept as given, so the analysis reports it as not found.
+
+    A missing plain path is kept as given, so the analysis reports it as not found; with
+    ``refuse_missing`` (the commands: a typing error should stop them before anything
+    starts) it raises :class:`ConfigError` naming the argument's position. A broken link
+    or a link loop in a folder is skipped with a warning naming its position, or with
+    ``keep_broken_links`` kept in its place so the command reports it as a failed slide.
     """
     if isinstance(arguments, (str, bytes)):
         raise TypeError("expand_slide_arguments takes a sequence of arguments, not one string")
+    arguments = [os.fspath(a) for a in arguments]
+    if refuse_missing:
+        _refuse_missing(arguments)
     found: list[Path] = []
-    for argument in arguments:
-        argument = os.fspath(argument)
+    for position, argument in enumerate(arguments, start=1):
+        where = f"slide argument {position}"
         if _is_glob(argument):
             matches = sorted(glob.glob(argument))
             if not matches:
                 _log.info("a glob pattern matched nothing")
             for match in matches:
-                found.extend(_expand_path(Path(match)))
+                found.extend(_expand_path(Path(match), where, keep_broken_links))
         else:
-            found.extend(_expand_path(Path(argument)))
+            found.extend(_expand_path(Path(argument), where, keep_broken_links))
     unique: list[Path] = []
     seen: set[str] = set()
     for path in found:

@@ -10,10 +10,12 @@ from ._audit import audit_event, params_digest
 from ._audit_chain import AUDIT_ACTIONS, AuditRecord, audit_log_path
 from ._audit_verify import AuditVerification, read_audit_log, verify_audit_log
 from ._deid import deidentify_slide
+from ._errors import AuditLogError
 from ._report import DeidReport
 
 __all__ = [
     "AUDIT_ACTIONS",
+    "AuditLogError",
     "AuditRecord",
     "AuditVerification",
     "DeidReport",

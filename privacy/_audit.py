@@ -25,6 +25,7 @@ from typing import Any
 from pipeline import ConfigError, OutputError, site_dir, site_secret
 
 from ._audit_chain import AUDIT_ACTIONS, GENESIS, AuditRecord, audit_log_path, line_mac, read_head, write_head
+from ._audit_verify import parse_audit_line
 
 __all__ = ["audit_event", "params_digest"]
 
@@ -45,12 +46,13 @@ def _actor() -> str:
 
 
 def _last_line(fh: Any) -> dict[str, Any] | None:
+    """The last record, to chain onto (a damaged one raises: the chain cannot go on from it)."""
     fh.seek(0)
-    last = None
-    for line in fh:
+    last, last_number = None, 0
+    for number, line in enumerate(fh, start=1):
         if line.strip():
-            last = line
-    return json.loads(last) if last else None
+            last, last_number = line, number
+    return parse_audit_line(last, last_number) if last else None
 
 
 def audit_event(

@@ -10,7 +10,8 @@ from typing import Any
 
 from pipeline import site_dir, site_secret
 
-from ._audit_chain import GENESIS, audit_log_path, line_mac, read_head
+from ._audit_chain import FIELDS, GENESIS, audit_log_path, line_mac, read_head
+from ._errors import AuditLogError
 
 __all__ = ["AuditVerification", "read_audit_log", "verify_audit_log"]
 
@@ -27,12 +28,29 @@ class AuditVerification:
         return not self.problems
 
 
+def parse_audit_line(line: str, number: int) -> dict[str, Any]:
+    """One line of the log as a record dict (its fields present; mac not checked), else
+    :class:`AuditLogError` naming the line number."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not all(key in record for key in (*FIELDS, "mac")):
+        raise AuditLogError(f"line {number} of the audit log is not an audit record (damaged or edited)")
+    return record
+
+
 def read_audit_log(directory: Path | None = None) -> list[dict[str, Any]]:
-    """The log's lines as dicts (unverified; see :func:`verify_audit_log`)."""
+    """The log's lines as dicts (unverified: see :func:`verify_audit_log`); a line that is
+    not a record raises :class:`AuditLogError` with its number."""
     path = audit_log_path(directory)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise AuditLogError("the audit log is not UTF-8 text (damaged)") from None
+    return [parse_audit_line(line, number) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
 def verify_audit_log(directory: Path | None = None) -> AuditVerification:
@@ -44,7 +62,8 @@ def verify_audit_log(directory: Path | None = None) -> AuditVerification:
     secret = site_secret(directory)
     problems: list[str] = []
     prev, expected_seq, count = GENESIS, 1, 0
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # errors="replace": damaged bytes then fail their line's check instead of the whole read.
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         if not line.strip():
             problems.append(f"line {number}: empty line")
             continue

@@ -134,3 +134,33 @@ def test_an_unwritable_log_is_an_output_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OutputError, match="writing the audit log failed"):
         audit_event("run", directory=blocker / "site")
+
+
+def test_a_garbled_line_is_named_by_its_number(tmp_path):
+    from privacy import AuditLogError
+
+    _fill(tmp_path, 3)
+    lines = _lines(tmp_path)
+    _write(tmp_path, [lines[0], lines[1][:40], lines[2]])
+    with pytest.raises(AuditLogError, match="line 2 of the audit log is not an audit record") as raised:
+        read_audit_log(tmp_path)
+    assert "audit verify" in raised.value.one_line()
+    _write(tmp_path, [lines[0], json.dumps({"seq": 2}), lines[2]])  # JSON, but not a record
+    with pytest.raises(AuditLogError, match="line 2 "):
+        read_audit_log(tmp_path)
+    audit_log_path(tmp_path).write_bytes(b"\xff\xfe garbage\n")
+    with pytest.raises(AuditLogError, match="not UTF-8"):
+        read_audit_log(tmp_path)
+    assert not verify_audit_log(tmp_path).ok  # verify reads it anyway, and reports
+
+
+def test_appending_after_a_garbled_last_line_without_a_head_is_refused(tmp_path):
+    from privacy import AuditLogError
+
+    _fill(tmp_path, 2)
+    lines = _lines(tmp_path)
+    _write(tmp_path, [lines[0], lines[1][:30]])
+    audit_log_path(tmp_path).with_name("audit.jsonl.head").unlink()
+    with pytest.raises(AuditLogError, match="line 2 "):
+        audit_event("view", directory=tmp_path)
+    assert len(_lines(tmp_path)) == 2  # nothing appended to a chain it cannot continue

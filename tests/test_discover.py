@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import expand_slide_arguments, is_dicom_folder
+from pipeline import ConfigError, expand_slide_arguments, is_dicom_folder
 from tests.conftest import shared_file
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
@@ -161,3 +161,43 @@ def test_the_shared_svs_with_a_copied_dicom_instance(tmp_path):
     shutil.copy(instance, folder / "stray.dcm")
     assert not is_dicom_folder(folder)
     assert _expand(folder) == [folder / svs.name]
+
+
+def _links(folder: Path) -> tuple[Path, Path, Path]:
+    """A folder holding a slide, a broken link and a link loop (in that sorted order)."""
+    slide = _file(folder / "a-good.svs")
+    broken = folder / "b-patient-smith.svs"
+    broken.symlink_to(folder / "moved-away.svs")
+    loop = folder / "c-patient-jones.svs"
+    loop.symlink_to(loop)
+    (folder / "d-notes.txt").symlink_to(folder / "gone.txt")  # not a slide by its name: ignored
+    return slide, broken, loop
+
+
+def test_broken_links_in_a_folder_are_reported_by_position_never_silently(tmp_path, caplog):
+    slide, _, _ = _links(tmp_path / "scans")
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        assert _expand(tmp_path / "scans") == [slide]  # the inbox cannot fingerprint them: skipped
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert "slide argument 1 (a folder), entry 2 of 4: a broken link" in messages[0]
+    assert "entry 3 of 4: a link loop" in messages[1]
+    assert not any("patient" in m or str(tmp_path) in m for m in messages)
+
+
+def test_commands_keep_broken_links_in_place_to_report_them_as_failed_slides(tmp_path):
+    slide, broken, loop = _links(tmp_path / "scans")
+    assert expand_slide_arguments([str(tmp_path / "scans")], keep_broken_links=True) == [slide, broken, loop]
+
+
+def test_commands_refuse_a_missing_argument_by_position_before_anything_runs(tmp_path):
+    slide = _file(tmp_path / "a.svs")
+    broken = tmp_path / "patient-smith.svs"
+    broken.symlink_to(tmp_path / "gone.svs")
+    arguments = [str(slide), str(tmp_path / "patient-jones.svs"), str(tmp_path / "*.nothing"), str(broken)]
+    with pytest.raises(ConfigError) as refused:
+        expand_slide_arguments(arguments, refuse_missing=True)
+    message = str(refused.value)
+    assert "slide argument 2 of 4 does not exist; slide argument 4 of 4 is a broken link" in message
+    assert "patient" not in message and str(tmp_path) not in message  # a glob that matches nothing is no error
+    assert expand_slide_arguments(arguments) == [slide, tmp_path / "patient-jones.svs", broken]  # the default

@@ -39,6 +39,7 @@ FITTING_BUILTIN: dict[str, type[Exception]] = {
     "AcceptanceError": ValueError,
     "ReadOnlyModelError": PermissionError,
     "TrainingDataError": ValueError,
+    "AuditLogError": ValueError,
 }
 
 

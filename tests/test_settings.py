@@ -17,7 +17,7 @@ import pytest
 
 from flows import parse_config
 from flows.cli import build_parser
-from flows.cli._options import build_run_settings
+from flows.cli._options import settings_from_options
 from models import Registry
 from pipeline import (
     ConfigError,
@@ -43,7 +43,7 @@ _CONFIG = {
 
 def _settings(*argv: str, config: dict | None = None) -> RunSettings:
     args = build_parser().parse_args(list(argv))
-    return build_run_settings(parse_config(config if config is not None else _CONFIG), args)
+    return settings_from_options(parse_config(config if config is not None else _CONFIG), args)
 
 
 @pytest.mark.parametrize("command", [

@@ -1,16 +1,31 @@
-"""Helpers shared by the CLI commands: exit codes and argument types."""
+"""Helpers shared by the CLI commands: exit codes, argument types and the argument parser."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import NoReturn
 
-__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "mpp_arg", "positive_int"]
+from pipeline import ConfigError
+
+__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "OneLineArgumentParser", "mpp_arg", "positive_int"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 """At least one slide/model/image failed; the rest were processed."""
 EXIT_USAGE = 2
 """Bad arguments or config; nothing was processed."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An argument parser whose errors read like every other wsiflow error: one line,
+    ``wsiflow: error config: ... -- <remedy>``, exit 2 (argparse prints the usage block
+    and ``prog: error: ...`` instead)."""
+
+    def error(self, message: str) -> NoReturn:
+        error = ConfigError(message, hint=f"see `{self.prog} --help` for the arguments it takes")
+        print(f"wsiflow: error {error.one_line()}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
 
 
 def mpp_arg(text: str) -> tuple[float, float]:

@@ -41,6 +41,38 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--json", action="store_true")
 
 
+def _review_problem(document: object) -> str | None:
+    """What makes a parsed review unusable, or None."""
+    if not isinstance(document, dict) or not isinstance(document.get("features"), list):
+        return "not a GeoJSON FeatureCollection"
+    if not isinstance(document.get("wsiflow_review"), (dict, type(None))):
+        return "its wsiflow_review entry is not an object"
+    if not all(isinstance(f, dict) and isinstance(f.get("properties"), (dict, type(None)))
+               for f in document["features"]):
+        return "a feature is not a GeoJSON Feature"
+    return None
+
+
+def _read_review(path: Path) -> dict[str, Any]:
+    """The result's review; a damaged one is refused before anything is written, rather
+    than exported (or half-scrubbed of reviewers' comments)."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        problem: str | None = f"not valid JSON ({exc.msg} at line {exc.lineno})"
+    except UnicodeDecodeError:
+        problem = "not UTF-8 text"
+    else:
+        problem = _review_problem(document)
+        if problem is None:
+            return document
+    raise NotAResultError(
+        f"the result's review (review.geojson) is damaged: {problem}",
+        hint="open the result in `wsiflow view` and save the review again, or move review.geojson out of the "
+             "result folder to export without it",
+    )
+
+
 def _scrub_review(document: dict[str, Any]) -> dict[str, Any]:
     document = json.loads(json.dumps(document))
     meta = document.get("wsiflow_review") or {}
@@ -58,6 +90,7 @@ def export_result(result_dir: Path, out_dir: Path, *, keep_comments: bool = Fals
     if folder is None or not folder.is_complete():
         raise NotAResultError("not a complete wsiflow result folder")
     summary = folder.read_summary()
+    review = _read_review(folder.review) if folder.review.is_file() else None
     # The result folder's own name is v<version>-<digest>.
     target = out_dir / f"{summary.slide_id}-{summary.model.name}-{folder.path.resolve().name}"
     tmp = target.with_name(f".{target.name}.tmp")
@@ -68,9 +101,8 @@ def export_result(result_dir: Path, out_dir: Path, *, keep_comments: bool = Fals
             name = source.name
             if not source.is_file():
                 continue
-            if source == folder.review and not keep_comments:
-                document = _scrub_review(json.loads(source.read_text(encoding="utf-8")))
-                (tmp / name).write_text(json.dumps(document, indent=1), encoding="utf-8")
+            if source == folder.review and review is not None and not keep_comments:
+                (tmp / name).write_text(json.dumps(_scrub_review(review), indent=1), encoding="utf-8")
             else:
                 shutil.copyfile(source, tmp / name)
         if target.exists():

@@ -112,7 +112,7 @@ def _human(report: SlideReport, label: str) -> str:
 def run_inspect(args: argparse.Namespace, config: WsiflowConfig) -> int:
     grid = _grid(config, args)
     policy = MppPolicy(cli_mpp=args.mpp, overrides=config.mpp_overrides, force=args.mpp_force)
-    slides = expand_slides_or_report(args.slides)
+    slides = expand_slides_or_report(args.slides, refuse_missing=False)  # a diagnosis names each
     if not slides:
         return EXIT_FAILED
     secret = site_secret()

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
+import socket
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,13 +27,19 @@ from pipeline import (
     Preprocessing,
     RunSettings,
     expand_slide_arguments,
+    resolve_device,
 )
 
-from .._config import WsiflowConfig
+from .._config import WsiflowConfig, check_dask_address
 from ._common import mpp_arg, positive_int
 
 __all__ = ["add_settings_options", "add_slides_options", "build_run_settings", "expand_slides_or_report",
-           "pin_and_check_model"]
+           "pin_and_check_model", "settings_from_options"]
+
+DASK_CONNECT_TIMEOUT_S = 2.0
+"""A scheduler that does not accept a connection in this time is refused (Dask itself waits 60 s)."""
+PREFECT_HEALTH_TIMEOUT_S = 3.0
+"""A Prefect API that does not answer its health check in this time is refused."""
 
 
 def add_slides_options(parser: argparse.ArgumentParser) -> None:
@@ -91,15 +100,76 @@ def _check_out_dir(out: Path) -> Path:
     return out
 
 
-def _check_dask_address(address: str | None) -> str | None:
-    if address is not None and not re.fullmatch(r"(tcp|tls|inproc|ucx)://[^\s/]+(:\d+)?/?", address):
-        raise ConfigError(f"dask address {address!r} is not a scheduler URL", hint="use tcp://HOST:PORT")
-    return address
+def _dask_address(option: str | None, config: WsiflowConfig) -> str | None:
+    return check_dask_address(option, "--dask-address") if option else config.dask.address
 
 
-def expand_slides_or_report(arguments: list[str]) -> list[str]:
-    """The slides the arguments mean; an empty list after printing the one-line error."""
-    slides = [os.fspath(p) for p in expand_slide_arguments(arguments)]
+def _check_dask_reachable(address: str) -> None:
+    """A TCP connection to the scheduler, so a stopped one is refused in seconds, not after
+    Dask's 60 s connect timeout."""
+    url = urllib.parse.urlsplit(address)
+    if url.scheme not in ("tcp", "tls") or not url.hostname:
+        return  # inproc:// and ucx:// are not plain TCP; Dask reports those itself
+    try:
+        with socket.create_connection((url.hostname, url.port or 8786), timeout=DASK_CONNECT_TIMEOUT_S):
+            pass
+    except TimeoutError:
+        reason = f"no answer in {DASK_CONNECT_TIMEOUT_S:g} s"
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+    else:
+        return
+    raise ConfigError(
+        f"no Dask scheduler answers at {address} ({reason})",
+        hint="start the scheduler (dask scheduler) or fix --dask-address / dask.address; leave both "
+             "unset to run the chunks on this machine",
+    )
+
+
+_GPU_DRIVER_NODES = ("/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+"""Device files a CUDA (or ROCm) GPU needs on Linux: NVIDIA's driver, WSL2's, ROCm's."""
+
+
+def _check_cuda() -> None:
+    """``--device cuda`` needs a usable GPU. Without any GPU driver's device file that is
+    certain at once; otherwise torch decides (importing it takes seconds)."""
+    if sys.platform == "linux" and not any(os.path.exists(node) for node in _GPU_DRIVER_NODES):
+        raise ConfigError("device cuda (--device or engine.device) was asked for, but this machine has no GPU driver",
+                          hint="use --device cpu or auto, or install the GPU's driver")
+    resolve_device("cuda")
+
+
+def _check_prefect_api(api_url: str) -> None:
+    """The Prefect API in ``PREFECT_API_URL`` answers its health check (else Prefect fails
+    later with a long traceback)."""
+    health = api_url.rstrip("/") + "/health"
+    remedy = ("start the server (`wsiflow server`) and set PREFECT_API_URL=http://HOST:PORT/api, or unset "
+              "PREFECT_API_URL (`run` then stays in this process; `batch` uses Prefect's embedded API)")
+    if urllib.parse.urlsplit(health).scheme not in ("http", "https"):
+        raise ConfigError(f"PREFECT_API_URL {api_url!r} is not an http(s) URL", hint=remedy)
+    try:
+        with urllib.request.urlopen(health, timeout=PREFECT_HEALTH_TIMEOUT_S):
+            return
+    except urllib.error.HTTPError as exc:
+        raise ConfigError(f"PREFECT_API_URL {api_url} answers, but not as a Prefect API (HTTP {exc.code})",
+                          hint="it ends in /api, e.g. http://127.0.0.1:4200/api") from None
+    except (OSError, ValueError) as exc:
+        cause = getattr(exc, "reason", exc)  # URLError wraps the socket's error
+        reason = getattr(cause, "strerror", None) or str(cause) or type(exc).__name__
+        raise ConfigError(f"no Prefect server answers at PREFECT_API_URL {api_url} ({reason})",
+                          hint=remedy) from None
+
+
+def expand_slides_or_report(arguments: list[str], *, refuse_missing: bool = True) -> list[str]:
+    """The slides the arguments mean; an empty list after printing the one-line error.
+
+    A plain argument that does not exist is a :class:`ConfigError` (exit 2) before
+    anything starts, unless ``refuse_missing`` is False (``inspect`` reports it as a slide
+    that is not found); a broken link or link loop in a folder stays in its place, so the
+    command reports it as a failed slide by its position and goes on with the others.
+    """
+    expanded = expand_slide_arguments(arguments, refuse_missing=refuse_missing, keep_broken_links=True)
+    slides = [os.fspath(p) for p in expanded]
     if not slides:
         print("wsiflow: error not-found: no slides matched the arguments", file=sys.stderr)
     return slides
@@ -116,8 +186,9 @@ def pin_and_check_model(settings: RunSettings, preprocessing: Preprocessing, inf
     return settings
 
 
-def build_run_settings(config: WsiflowConfig, args: argparse.Namespace) -> RunSettings:
-    """The run settings of a command: config values overridden by the options given."""
+def settings_from_options(config: WsiflowConfig, args: argparse.Namespace) -> RunSettings:
+    """The run settings of a command: config values overridden by the options given
+    (checked for themselves; nothing outside this process is asked)."""
     option = lambda name: getattr(args, name, None)  # noqa: E731 - commands lack some options
     grid = replace(config.grid, **_given(stride_px=option("stride"), min_tissue_fraction=option("min_tissue_fraction"),
                                          edge=option("edge")))
@@ -140,6 +211,21 @@ def build_run_settings(config: WsiflowConfig, args: argparse.Namespace) -> RunSe
         mpp=MppPolicy(cli_mpp=option("mpp"), overrides=config.mpp_overrides, force=bool(option("mpp_force"))),
         backend=option("backend") or config.backend,
         isolate=config.isolate and not option("no_isolate"),
-        dask_address=_check_dask_address(option("dask_address") or config.dask.address),
+        dask_address=_dask_address(option("dask_address"), config),
         force=bool(option("force")),
     )
+
+
+def build_run_settings(config: WsiflowConfig, args: argparse.Namespace) -> RunSettings:
+    """:func:`settings_from_options`, then what the run will need outside its options,
+    checked in seconds before any model, child process or cluster starts: a usable GPU for
+    ``--device cuda`` (when chunks run here), the Dask scheduler, the Prefect API."""
+    settings = settings_from_options(config, args)
+    if settings.dask_address:
+        _check_dask_reachable(settings.dask_address)
+    api_url = os.environ.get("PREFECT_API_URL")
+    if api_url and not getattr(args, "in_process", False):  # run --in-process never talks to it
+        _check_prefect_api(api_url)
+    if settings.engine.device == "cuda" and not settings.dask_address:  # a cluster's GPUs are its own
+        _check_cuda()
+    return settings

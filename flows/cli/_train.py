@@ -6,7 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from models import TrainSettings, annotated_dataset, finetune, labelled_patch_folder, validate_arrays
+from models import (
+    TrainSettings,
+    annotated_dataset,
+    check_training_inputs,
+    finetune,
+    labelled_patch_folder,
+    validate_arrays,
+)
 from pipeline import ConfigError, MppPolicy
 
 from .._config import WsiflowConfig
@@ -64,6 +71,7 @@ def add_validate_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace, config: WsiflowConfig) -> int:
+    check_training_inputs(args.slides, args.annotations)  # before the base model loads
     registry = registry_for(config)
     base = registry.load(args.base or config.models.default)
     classes = tuple(c.strip() for c in args.classes.split(",")) if args.classes else None
@@ -100,6 +108,10 @@ def run_train(args: argparse.Namespace, config: WsiflowConfig) -> int:
 
 
 def run_validate(args: argparse.Namespace, config: WsiflowConfig) -> int:
+    if args.slides is not None:
+        if not args.annotations:
+            raise ConfigError("--slides needs --annotations (one GeoJSON per slide)")
+        check_training_inputs(args.slides, args.annotations)  # before the model loads
     registry = registry_for(config)
     entry = registry.resolve(args.model)
     model = registry.load(entry.manifest.ref)
@@ -107,8 +119,6 @@ def run_validate(args: argparse.Namespace, config: WsiflowConfig) -> int:
         images, labels = labelled_patch_folder(args.patches, model.class_names, model.preprocessing, args.mpp)
         dataset = f"labelled patch folder ({len(images)} images)"
     else:
-        if not args.annotations:
-            raise ConfigError("--slides needs --annotations (one GeoJSON per slide)")
         policy = MppPolicy(cli_mpp=(args.mpp, args.mpp) if args.mpp else None, overrides=config.mpp_overrides)
         images, labels = annotated_dataset(
             args.slides, args.annotations, model.class_names, model, args.per_class, args.seed, policy
