@@ -28,6 +28,7 @@ from ._deid import add_deid_parser, run_deid
 from ._export import add_export_parser, run_export
 from ._inspect import add_inspect_parser, run_inspect
 from ._models import add_models_parser, run_models
+from ._retry import add_retry_parser, run_retry
 from ._run import add_run_parser, run_run
 from ._serve import add_serve_parser, add_server_parser, run_serve, run_server
 from ._train import add_train_parser, add_validate_parser, run_train, run_validate
@@ -45,6 +46,7 @@ _COMMANDS = {
     "batch": run_batch_command,
     "serve": run_serve,
     "server": run_server,
+    "retry": run_retry,
     "view": run_view,
     "train": run_train,
     "validate": run_validate,
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_batch_parser(commands)
     add_serve_parser(commands)
     add_server_parser(commands)
+    add_retry_parser(commands)
     add_view_parser(commands)
     add_models_parser(commands)
     add_train_parser(commands)

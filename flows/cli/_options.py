@@ -51,9 +51,11 @@ def add_slides_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--show-paths", action="store_true", help="echo each slide's path in the terminal output")
 
 
-def add_settings_options(parser: argparse.ArgumentParser) -> None:
-    """Every option that goes into :class:`pipeline.RunSettings` (``run``, ``batch``, ``serve``)."""
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="results folder")
+def add_settings_options(parser: argparse.ArgumentParser, *, with_out: bool = True) -> None:
+    """Every option that goes into :class:`pipeline.RunSettings` (``run``, ``batch``, ``serve``;
+    ``retry`` without ``--out``: an inbox keeps its output folder)."""
+    if with_out:
+        parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="results folder")
     parser.add_argument("--model", metavar="NAME[@VERSION]", help="registry model (default: config models.default)")
     mpp = parser.add_argument_group("µm/px")
     mpp.add_argument("--mpp", type=mpp_arg, metavar="X[,Y]",
