@@ -178,6 +178,21 @@ def test_an_unreachable_prefect_api(wsiflow_cli, slide, tmp_path, command):
         assert "the slide argument does not exist" in _one_error(stayed, "config", 2)
 
 
+def test_serve_without_a_server_or_an_inbox_folder(wsiflow_cli, slide, tmp_path):
+    """`serve` needs a Prefect server and an existing inbox folder: both refused at once."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    line = _one_error(_run(wsiflow_cli, "serve", "--inbox", inbox, "--out", tmp_path / "o",
+                           env=_env(PREFECT_HOME=str(tmp_path / "prefect-home"))), "config", 2)
+    assert "PREFECT_API_URL" in line and "wsiflow server" in line
+    url = f"http://127.0.0.1:{_closed_port()}/api"
+    unreachable = _run(wsiflow_cli, "serve", "--inbox", inbox, "--out", tmp_path / "o", env=_env(PREFECT_API_URL=url))
+    assert "no Prefect server answers" in _one_error(unreachable, "config", 2)
+    missing = _run(wsiflow_cli, "serve", "--inbox", tmp_path / "case-4711", "--out", tmp_path / "o",
+                   env=_env(PREFECT_API_URL=url))
+    _one_error(missing, "config", 2, private=tmp_path / "case-4711")
+
+
 # --- models: refused weights, exit 1 ------------------------------------------------------
 
 @pytest.fixture
