@@ -6,7 +6,7 @@ whose chain ``verify_audit_log`` checks. Imports ``pipeline`` (site secret, erro
 nothing from ``models``, ``flows`` or ``viewer``.
 """
 
-from ._audit import audit_event, params_digest
+from ._audit import AuditRotation, audit_event, check_audit_log, params_digest, rotate_audit_log
 from ._audit_chain import AUDIT_ACTIONS, AuditRecord, audit_log_path
 from ._audit_verify import AuditVerification, read_audit_log, verify_audit_log
 from ._deid import deidentify_slide
@@ -17,12 +17,15 @@ __all__ = [
     "AUDIT_ACTIONS",
     "AuditLogError",
     "AuditRecord",
+    "AuditRotation",
     "AuditVerification",
     "DeidReport",
     "audit_event",
     "audit_log_path",
+    "check_audit_log",
     "deidentify_slide",
     "params_digest",
     "read_audit_log",
+    "rotate_audit_log",
     "verify_audit_log",
 ]

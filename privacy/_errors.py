@@ -8,10 +8,13 @@ __all__ = ["AuditLogError"]
 
 
 class AuditLogError(WsiflowError, ValueError):
-    """The site's audit log cannot be read back: a line is not an audit record."""
+    """The site's audit log is damaged or inconsistent: a line is not an audit record, the
+    head or anchor does not match, or the log or its head is gone. Nothing is appended to
+    such a log, and nothing repairs it silently."""
 
     kind = "audit-damaged"
     hint = (
-        "run `wsiflow audit verify` to list every broken line; keep the damaged log as evidence and "
-        "restore it from a backup"
+        "run `wsiflow audit verify` to list every problem; keep the files as evidence and restore the log, its head "
+        "and anchor from a backup, or start a new log with `wsiflow audit rotate --reason \"...\"` (the damaged log "
+        "is kept beside it)"
     )
