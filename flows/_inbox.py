@@ -43,6 +43,7 @@ from pipeline import (
     site_dir,
     site_secret,
 )
+from privacy import check_audit_log
 
 from ._batch import batch_flow, save_batch
 from ._slide_job import identify_jobs
@@ -324,6 +325,8 @@ def _run_batch(ready: list[str], settings: RunSettings, inbox_id: str,
     """Submit ``ready`` as one batch (recorded in the ledger before it runs). Returns its
     ID, the rows it returned by slide path (a slide without a row was not finished:
     interrupted) and, when the batch stopped as a whole, why (one line)."""
+    # Nothing runs that the audit log cannot record (a damaged log stops the look, one line).
+    check_audit_log()
     batch_id = save_batch(settings, identify_jobs(ready, site_secret()))
     from prefect.runtime import flow_run
 

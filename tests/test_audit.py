@@ -476,6 +476,23 @@ def test_an_audited_command_on_a_damaged_log_reports_one_line(wsiflow_cli, tmp_p
     assert _state(tmp_path / "site") == before
 
 
+@pytest.mark.slow
+def test_audited_commands_do_nothing_on_a_damaged_log(wsiflow_cli, cmu_svs, tmp_path):
+    """Fail closed: `run` and `models verify` check the log before they act, so no result
+    folder appears and no model is touched; `audit verify` (not an action) still runs."""
+    env = {**os.environ, "WSIFLOW_HOME": str(tmp_path / "site")}
+    _fill(tmp_path / "site", 3)
+    _head(tmp_path / "site").unlink()
+    out = tmp_path / "out"
+    done = _cli(wsiflow_cli, env, "run", str(cmu_svs), "--out", str(out))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("wsiflow: error audit-damaged:"), done.stderr
+    assert not out.exists()
+    verify = _cli(wsiflow_cli, env, "models", "verify")
+    assert verify.returncode == 1 and "audit-damaged" in verify.stderr
+    assert _cli(wsiflow_cli, env, "audit", "verify").returncode == 1
+
+
 def test_an_unwritable_log_is_an_output_error(tmp_path):
     from pipeline import OutputError
 

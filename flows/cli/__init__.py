@@ -18,6 +18,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from pipeline import ConfigError, WsiflowError, apply_offline_env
+from privacy import check_audit_log
 
 from .._config import load_config
 from .._logs import configure_logging
@@ -81,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_AUDITED_COMMANDS = frozenset({"run", "batch", "serve", "retry", "deid", "export"})
+_AUDITED_MODEL_ACTIONS = frozenset({"verify", "import", "remove", "promote"})
+
+
+def _acts_audited(args: argparse.Namespace) -> bool:
+    """Whether the command records audit events (it then checks the log before acting)."""
+    if args.command == "models":
+        return args.models_command in _AUDITED_MODEL_ACTIONS
+    return args.command in _AUDITED_COMMANDS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wsiflow`` console script."""
     apply_offline_env()
@@ -88,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING)
     try:
         config = load_config(args.config)
+        if _acts_audited(args):
+            # Fail closed: nothing happens that a damaged audit log could not record.
+            check_audit_log()
         return _COMMANDS[args.command](args, config)
     except WsiflowError as exc:
         print(f"wsiflow: error {exc.one_line()}", file=sys.stderr)
