@@ -23,6 +23,8 @@ class DeidReport:
     regions_verified: int
     regions_undecodable: int = 0
     kept_fields: tuple[str, ...] = field(default_factory=tuple)
+    profile: tuple[str, ...] = field(default_factory=tuple)
+    """DICOM: the PS3.15 profile and option codes recorded in the copy (113100, ...)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -34,15 +36,17 @@ class DeidReport:
             "regions_verified": self.regions_verified,
             "regions_undecodable": self.regions_undecodable,
             "kept_fields": list(self.kept_fields),
+            "profile": list(self.profile),
         }
 
     def summary(self) -> str:
         """One line: what was kept and dropped."""
         dropped = ", ".join(self.dropped) if self.dropped else "nothing"
         kept = ", ".join(self.kept_fields) if self.kept_fields else "none"
+        profile = f" (profile {', '.join(self.profile)})" if self.profile else ""
         return (
             f"de-identified {self.format}: kept {self.levels_kept} level(s), dropped {dropped}; "
-            f"removed {self.fields_removed} metadata field(s), kept fields: {kept}; "
+            f"removed {self.fields_removed} metadata field(s){profile}, kept fields: {kept}; "
             f"verified {self.regions_verified} region(s) pixel-identical"
             + (f" ({self.regions_undecodable} undecodable in the input too)" if self.regions_undecodable else "")
         )

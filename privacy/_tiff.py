@@ -1,14 +1,14 @@
 """De-identified copies of Aperio SVS and generic tiled TIFF slides, failing closed.
 
-A TIFF/SVS slide is *rewritten*, not edited in place: the new file holds only the tiled
-pyramid levels, each level's compressed tiles copied byte for byte (so pixels are
-identical), and only tags from an explicit structural allow-list. Label, macro and
-thumbnail pages are never copied, the Aperio ImageDescription is rebuilt from a neutral
-header plus the allow-listed numeric fields, and every other tag is either on a known
-blank-list (text metadata, not written) or makes the whole run fail. The copy is checked
-(it reopens in OpenSlide with the same levels and byte-identical regions, and none of
-the removed text is in it) before it is moved into place; on any failure nothing is left
-behind.
+A TIFF/SVS slide is *rewritten*, not edited in place: the new file holds only the proven
+pyramid levels of level 0 (tiled, same kind, shape following level 0), each level's
+compressed tiles copied byte for byte (so pixels are identical), and only tags from an
+explicit structural allow-list. Label, macro, thumbnail and any other page are never
+copied, the Aperio ImageDescription is rebuilt from a neutral header plus the
+allow-listed numeric fields, and every other tag is either on a known blank-list (text
+metadata, not written) or makes the whole run fail. The copy is checked (it reopens in
+OpenSlide with the kept levels and byte-identical regions, and none of the removed text
+is in it) before it is moved into place; on any failure nothing is left behind.
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ def deidentify_tiff(src: Path, dst: Path, *, overwrite: bool = False) -> DeidRep
     try:
         meta = write_tiff(src, tmp, plan)
         check_removed_text(meta, plan.removed_text, kept_text(plan))
-        dims, regions, undecodable = _verify_copy(src, tmp, fmt)
+        dims, regions, undecodable = compare_slides(
+            src, tmp, vendor=fmt, fail=DeidentificationError, kept=tuple(p.size for p in plan.pages)
+        )
         move_file_into_place(tmp, dst, overwrite=overwrite)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -66,6 +68,3 @@ def deidentify_tiff(src: Path, dst: Path, *, overwrite: bool = False) -> DeidRep
         kept_fields=plan.kept_fields,
     )
 
-
-def _verify_copy(src: Path, tmp: Path, fmt: str) -> tuple[tuple[tuple[int, int], ...], int, int]:
-    return compare_slides(src, tmp, vendor=fmt, fail=DeidentificationError)

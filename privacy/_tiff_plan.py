@@ -1,6 +1,9 @@
 """Planning a de-identified TIFF: which pages are pyramid levels and which tags each keeps.
 
-Label, macro, thumbnail, untiled and mask pages are dropped. For each kept level the plan
+Only proven pyramid levels of level 0 are kept: tiled pages of the same kind as level 0
+(the largest) whose shape follows it by a consistent downsample. Label, macro, thumbnail,
+untiled and mask pages, and tiled pages that are not levels (a label without the word
+"label"), are dropped. For each kept level the plan
 holds the allow-listed tags' raw values, the input's tile positions, and (for Aperio) a
 rebuilt ImageDescription with the allow-listed numeric fields only. Every ASCII value of
 every page is collected, cut into pieces, as text that must not reappear in the copy.
@@ -8,6 +11,7 @@ every page is collected, cut into pieces, as text that must not reappear in the 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +45,7 @@ class PagePlan:
     entries: list[Entry]
     tiles: list[tuple[int, int]]  # (offset, byte count) in the input
     compression: int
+    size: tuple[int, int]  # (width, height)
 
 
 @dataclass
@@ -123,41 +128,48 @@ def plan_tiff(src: Path, fmt: str) -> Plan:
     with tif:
         fh = tif.filehandle
         byteorder = tif.byteorder
-        pages: list[PagePlan] = []
-        dropped: list[str] = []
         removed_text: set[str] = set()
-        fields_removed = 0
-        kept_fields: tuple[str, ...] = ()
+        dropped: list[tuple[int, str]] = []
+        candidates: list[_Page] = []
         for index, page in enumerate(tif.pages):
             if not isinstance(page, tifffile.TiffPage):  # TiffFrames come only with pages.useframes
                 raise UnsupportedSlideError(f"TIFF page {index} cannot be read whole")
             tags = {tag.code: tag for tag in page.tags.values()}
-            desc_raw = _raw_value(fh, tags[270]) if 270 in tags else b""
-            description = _text_of(desc_raw)
+            description = _text_of(_raw_value(fh, tags[270])) if 270 in tags else ""
             # Text from every page (kept or not) must not reappear in the copy.
             for tag in tags.values():
                 if int(tag.dtype) == ASCII:
                     removed_text.update(_text_pieces(_text_of(_raw_value(fh, tag))))
             role = _page_role(index, page, description, fmt)
-            if role != "level":
-                dropped.append(role)
-                continue
-            entries, removed, kept = _level_entries(fh, page, tags, description, fmt, bigtiff=tif.is_bigtiff)
+            if role == "level":
+                candidates.append(_Page(index, page, tags, description))
+            else:
+                dropped.append((index, role))
+        levels, others = _pyramid(candidates)
+        dropped += [(c.index, "non-pyramid page") for c in others]
+        pages: list[PagePlan] = []
+        fields_removed = 0
+        kept_fields: tuple[str, ...] = ()
+        for level in levels:
+            page, tags = level.page, level.tags
+            entries, removed, kept = _level_entries(fh, page, tags, level.description, fmt, bigtiff=tif.is_bigtiff)
             fields_removed += removed
             if not pages:
                 kept_fields = tuple(kept)
             tiles = list(zip(page.dataoffsets, page.databytecounts, strict=True))
-            pages.append(PagePlan(index, entries, tiles, int(tags[259].value) if 259 in tags else 1))
+            compression = int(tags[259].value) if 259 in tags else 1
+            pages.append(PagePlan(level.index, entries, tiles, compression, (page.imagewidth, page.imagelength)))
         if not pages:
             raise DeidentificationError("the slide has no tiled pyramid level to keep")
         total_bytes = sum(count for _, count in {t for p in pages for t in p.tiles})
         # TileOffsets are rebuilt as LONG8 in a BigTIFF; all other copied tags fit both.
         bigtiff = tif.is_bigtiff or total_bytes + 2**24 > _CLASSIC_LIMIT_BYTES
-    return Plan(byteorder, bigtiff, pages, dropped, removed_text, fields_removed, kept_fields)
+    roles = [role for _, role in sorted(dropped)]
+    return Plan(byteorder, bigtiff, pages, roles, removed_text, fields_removed, kept_fields)
 
 
 def _page_role(index: int, page: Any, description: str, fmt: str) -> str:
-    """"level" for a pyramid level to keep, else the name of what is dropped."""
+    """"level" for a page that may be a pyramid level, else the name of what is dropped."""
     desc_lower = description.lower()
     if _LABEL_OR_MACRO.search(description):
         return "label" if "label" in desc_lower else "macro"
@@ -168,6 +180,65 @@ def _page_role(index: int, page: Any, description: str, fmt: str) -> str:
     if page.tags.get(254) is not None and int(page.tags[254].value) & 4:
         return "mask page"
     return "level"
+
+
+@dataclass(frozen=True)
+class _Page:
+    """A tiled page that may be a pyramid level."""
+
+    index: int
+    page: Any
+    tags: dict[int, Any]
+    description: str
+
+
+def _image_kind(page: _Page) -> tuple[object, ...]:
+    """What levels of one pyramid share: photometric, samples per pixel, bits per sample."""
+    return tuple(page.tags[code].value if code in page.tags else None for code in (262, 277, 258))
+
+
+def _downsample(base: tuple[int, int], size: tuple[int, int]) -> float | None:
+    """The downsample at which ``size`` follows ``base``, or None when width and height disagree.
+
+    Levels are rounded to whole pixels: a level of downsample d is within 1 px of
+    base / d in both directions, so some d must satisfy both.
+    """
+    (w0, h0), (w, h) = base, size
+    low = max(w0 / (w + 1), h0 / (h + 1))
+    high = min(w0 / (w - 1) if w > 1 else math.inf, h0 / (h - 1) if h > 1 else math.inf)
+    return (w0 / w + h0 / h) / 2 if low <= high else None
+
+
+def _pyramid(candidates: list[_Page]) -> tuple[list[_Page], list[_Page]]:
+    """Split tiled pages into proven levels of level 0 (the largest) and the rest.
+
+    A level has level 0's photometric, samples and bits per sample, and a shape that
+    follows level 0 by one downsample in both directions, larger than 1 and than no
+    other level's. A tiled label, macro or thumbnail (whatever its description says)
+    fails these and is dropped.
+    """
+    if not candidates:
+        return [], []
+    base = max(candidates, key=lambda c: (c.page.imagewidth * c.page.imagelength, -c.index))
+    base_size = (base.page.imagewidth, base.page.imagelength)
+    levels, others = [], []
+    downsamples = [1.0]
+    for candidate in candidates:
+        if candidate is base:
+            levels.append(candidate)
+            continue
+        factor = _downsample(base_size, (candidate.page.imagewidth, candidate.page.imagelength))
+        if (
+            _image_kind(candidate) != _image_kind(base)
+            or factor is None
+            or any(abs(factor - d) <= 0.01 * d for d in downsamples)
+            or factor < 1
+        ):
+            others.append(candidate)
+            continue
+        downsamples.append(factor)
+        levels.append(candidate)
+    return levels, others
 
 
 def _level_entries(

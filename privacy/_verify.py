@@ -70,13 +70,20 @@ class _Reader:
 
 
 def compare_slides(
-    reference_path: Path, copy_path: Path, *, vendor: str, fail: Callable[[str], Exception]
+    reference_path: Path,
+    copy_path: Path,
+    *,
+    vendor: str,
+    fail: Callable[[str], Exception],
+    kept: tuple[tuple[int, int], ...] | None = None,
 ) -> tuple[tuple[tuple[int, int], ...], int, int]:
     """Check the copy against the input in OpenSlide; returns (level dims, regions equal, regions undecodable).
 
-    Same levels, µm/px, objective and vendor, no associated images, and byte-identical
-    tile-aligned regions at every level. A region the input itself cannot decode must
-    fail the same way in the copy (its bytes were copied verbatim); it is counted apart.
+    Same levels (or, with ``kept``, the input's levels of those sizes: OpenSlide reads
+    any tiled page as a level, including the dropped ones that are not), µm/px,
+    objective and vendor, no associated images, and byte-identical tile-aligned regions
+    at every level. A region the input itself cannot decode must fail the same way in
+    the copy (its bytes were copied verbatim); it is counted apart.
     """
     import openslide
 
@@ -90,7 +97,7 @@ def compare_slides(
     try:
         copy = _Reader(copy_path, open_copy)
         try:
-            return _compare_open(reference, copy, vendor=vendor, fail=fail)
+            return _compare_open(reference, copy, vendor=vendor, fail=fail, kept=kept)
         finally:
             copy.close()
     finally:
@@ -98,23 +105,30 @@ def compare_slides(
 
 
 def _compare_open(
-    reference: _Reader, copy: _Reader, *, vendor: str, fail: Callable[[str], Exception]
+    reference: _Reader,
+    copy: _Reader,
+    *,
+    vendor: str,
+    fail: Callable[[str], Exception],
+    kept: tuple[tuple[int, int], ...] | None,
 ) -> tuple[tuple[tuple[int, int], ...], int, int]:
     ref, cp = reference.slide, copy.slide
     if cp.properties.get("openslide.vendor") != vendor:
         raise fail("the copy is not read as the same format as the input")
-    if cp.level_dimensions != ref.level_dimensions:
+    ref_dims = tuple(ref.level_dimensions)
+    expected = ref_dims if kept is None else tuple(d for d in ref_dims if d in set(kept))
+    if tuple(cp.level_dimensions) != expected or len(set(expected)) != len(expected):
         raise fail("the copy's pyramid levels differ from the input's")
     for key in ("openslide.mpp-x", "openslide.mpp-y", "openslide.objective-power"):
         if ref.properties.get(key) != cp.properties.get(key):
             raise fail(f"the copy's {key.split('.')[-1]} differs from the input's")
     if cp.associated_images:
         raise fail("the copy still has associated images")
-    dims = tuple(ref.level_dimensions)
     downsamples = tuple(ref.level_downsamples)
     props = dict(ref.properties)
     equal = undecodable = 0
-    for level, (width, height) in enumerate(dims):
+    for copy_level, (width, height) in enumerate(expected):
+        level = ref_dims.index((width, height))
         tile_w = int(props.get(f"openslide.level[{level}].tile-width", 256))
         tile_h = int(props.get(f"openslide.level[{level}].tile-height", 256))
         cols, rows = -(-width // tile_w), -(-height // tile_h)
@@ -122,7 +136,7 @@ def _compare_open(
             size = (min(tile_w, width - col * tile_w), min(tile_h, height - row * tile_h))
             location = (int(col * tile_w * downsamples[level]), int(row * tile_h * downsamples[level]))
             a = reference.region(location, level, size)
-            b = copy.region(location, level, size)
+            b = copy.region(location, copy_level, size)
             if a is None and b is None:
                 undecodable += 1
             elif a != b:
@@ -131,4 +145,4 @@ def _compare_open(
                 equal += 1
     if undecodable:
         _log.info("%d region(s) cannot be decoded in the input either; compared as equally broken", undecodable)
-    return dims, equal, undecodable
+    return expected, equal, undecodable
