@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Literal, Protocol, SupportsFloat, SupportsIndex, SupportsInt, get_args, runtime_checkable
@@ -80,11 +81,27 @@ class SlideBackend(Protocol):
         ...
 
 
+_PATH_LIKE = re.compile(r"(?:[A-Za-z]:)?[/\\][^\s'\"()<>,;]*[/\\][^\s'\"()<>,;]*")
+"""An absolute or nested path inside a library's message (``/a/b``, ``dir/x.dcm``, ``C:\\x``)."""
+_DICOM_UID = re.compile(r"\b\d+(?:\.\d+){4,}\b")
+"""A DICOM UID (SOP instance, series...): keyed to a patient's study in the hospital's PACS."""
+
+
 def _scrub(message: str, path: Path) -> str:
-    """Remove the path and file name from a library's message (they can carry PHI)."""
-    for text in (str(path), str(path.resolve()), path.name):
-        if text:
-            message = message.replace(text, "<slide>")
+    """Remove what can name a patient from a library's message: the slide's path and file
+    name, the other file names of its folder (a DICOM-WSI is a folder of instances whose
+    names are the scanner's or the PACS export's), any other path, and DICOM UIDs."""
+    folder = path if path.is_dir() else path.parent
+    names = {str(path), str(path.resolve()), path.name, str(folder), str(folder.resolve())}
+    try:
+        if path.is_dir() or path.suffix.lower() == ".dcm":
+            names.update(entry.name for entry in os.scandir(folder))
+    except OSError:
+        pass  # an unreadable folder: the path patterns below still apply
+    for text in sorted((n for n in names if len(n) > 2), key=len, reverse=True):
+        message = message.replace(text, "<slide>")
+    message = _PATH_LIKE.sub("<path>", message)
+    message = _DICOM_UID.sub("<uid>", message)
     return " ".join(message.split())
 
 

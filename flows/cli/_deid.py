@@ -24,9 +24,10 @@ def add_deid_parser(commands: argparse._SubParsersAction) -> None:
         "deid",
         help="write a de-identified copy of a slide (Aperio SVS, tiled TIFF, DICOM-WSI)",
         description=(
-            "Copy the slide's pyramid levels with their tiles byte for byte (pixel-identical) "
-            "and nothing else: label, macro and thumbnail images are dropped, Aperio metadata "
-            "is cut to AppMag and MPP, DICOM gets the PS3.15 Basic Confidentiality Profile. "
+            "Copy the slide's proven pyramid levels with their tiles byte for byte (pixel-identical) "
+            "and nothing else: label, macro, thumbnail and any other page are dropped, Aperio metadata "
+            "is cut to AppMag and MPP, DICOM keeps only an allow-list of the WSI image's attributes "
+            "(PS3.15 113100 Basic Profile + 113104 Clean Structured Content; UIDs keyed pseudonyms). "
             "The copy is checked in OpenSlide before it is moved into place; any format or "
             "field wsiflow cannot handle safely stops the run and nothing is written."
         ),
