@@ -38,7 +38,7 @@ from ._omezarr import (
     write_mask_image,
 )
 from ._outcome import SlideOutcome
-from ._overview import write_overview
+from ._overview import choose_overview_class, write_overview
 from ._privacy import record_slide_location
 from ._progress import Progress
 from ._result import ModelInfo, ResultFolder, ResultManifest, atomic_write_text
@@ -266,24 +266,26 @@ def _write_outputs(ctx: _Context, layout: _Layout) -> tuple[TileResults, int]:
     names = ctx.classifier.class_names
     level0 = read_heatmap_level0(folder.heatmap)
     probabilities = level0[:, grid.rows, grid.cols].T.copy() if len(grid) else np.zeros((0, len(names)), np.float32)
-    results = TileResults(
-        grid.rows, grid.cols, grid.x, grid.y, grid.tile_width_l0, grid.tile_height_l0,
-        (slide.mpp.mpp_x, slide.mpp.mpp_y), grid.tissue_fraction, probabilities, names,
-    )
+    results = TileResults(grid, probabilities, tuple(names), sid, model.ref)
     stride_um = spec.effective_stride_px * spec.target_mpp
     geometry = HeatmapGeometry(spacing_um=stride_um, origin_um=spec.tile_size_px * spec.target_mpp / 2)
     finalize_heatmap(folder.heatmap, names, model.class_colors, geometry, {"slide_id": sid, "model": model.ref})
     write_mask_image(folder.tissue, layout.mask.mask, layout.mask.mpp)
     write_tile_table(results, folder.tiles)
-    regions = write_geojson(results, level0, model.class_colors, (grid.stride_x_l0, grid.stride_y_l0),
-                            params.region_threshold, folder.geojson)
-    fallback = names[min(1, len(names) - 1)]
-    shown = params.overview_class if params.overview_class in names else fallback
+    regions = write_geojson(results, model.class_colors, params.region_threshold, folder.geojson)
+    choice = choose_overview_class(names, probabilities, params.overview_class)
+    shown = choice.class_name
+    note = None
+    if not len(grid):
+        note = ("no tissue found: 0 tiles analysed" if not layout.mask.mask.any()
+                else "0 tiles analysed: no tile reached the tissue threshold")
+    kept = np.zeros(level0.shape[1:], dtype=bool)
+    kept[grid.rows, grid.cols] = True
     extent_um = max(slide.info.width * slide.mpp.mpp_x, slide.info.height * slide.mpp.mpp_y)
     thumb_mpp = max(extent_um / _OVERVIEW_MAX_PX, slide.mpp.mpp_x, slide.mpp.mpp_y)
     write_overview(
-        slide.read_thumbnail(thumb_mpp), thumb_mpp, level0[names.index(shown)], stride_um, geometry.origin_um,
-        shown, f"slide {sid} · {model.ref} · P({shown})", folder.overview,
+        slide.read_thumbnail(thumb_mpp), thumb_mpp, level0[names.index(shown)], kept, stride_um, geometry.origin_um,
+        shown, f"slide {sid} · {model.ref} · P({shown})\n{choice.reason}", folder.overview, note,
     )
     return results, regions
 

@@ -1,8 +1,9 @@
 """OME-Zarr 0.5 (Zarr v3) images: the per-class heatmap and the tissue mask.
 
 Coordinates are micrometres. NGFF puts array index i at ``i * scale + translation`` and
-that point is the pixel's centre, so a heatmap cell's translation is its tile's centre
-and a mask pixel's is half a mask pixel.
+that point is the pixel's centre (the convention napari follows too), so a heatmap cell's
+translation is its tile's centre and a mask pixel's is half a mask pixel. Every array
+carries ``dimension_names`` equal to the axes' names, which NGFF 0.5 requires.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ __all__ = [
 ]
 
 _MIN_LEVEL_CELLS = 32
+_HEATMAP_AXES = ("c", "y", "x")
+_MASK_AXES = ("y", "x")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ def create_heatmap(path: Path, n_classes: int, n_rows: int, n_cols: int, chunk_c
         chunks=(n_classes, chunk_cells, chunk_cells),
         dtype="float32",
         fill_value=0.0,
+        dimension_names=_HEATMAP_AXES,
     )
 
 
@@ -97,9 +101,13 @@ def _downsample_max(array: np.ndarray) -> np.ndarray:
 
 
 def multiscale_metadata(
-    name: str, axes: Sequence[str], n_levels: int, spacing_um: float, origin_um: float
+    name: str, axes: Sequence[str], n_levels: int, spacing_um: float, origin_um: float,
+    downsampling: str | None = None,
 ) -> dict[str, Any]:
-    """The NGFF ``multiscales`` entry; level k has spacing x 2**k, centred on its block."""
+    """The NGFF ``multiscales`` entry; level k has spacing x 2**k, centred on its block.
+
+    ``downsampling`` (NGFF's optional ``type``) names how the coarser levels were made.
+    """
     axis_meta = [
         {"name": a, "type": "channel"} if a == "c" else {"name": a, "type": "space", "unit": "micrometer"}
         for a in axes
@@ -119,7 +127,10 @@ def multiscale_metadata(
                 {"type": "translation", "translation": prefix_t + [translation] * space},
             ],
         })
-    return {"name": name, "axes": axis_meta, "datasets": datasets}
+    entry: dict[str, Any] = {"name": name, "axes": axis_meta, "datasets": datasets}
+    if downsampling is not None:
+        entry["type"] = downsampling
+    return entry
 
 
 def finalize_heatmap(
@@ -139,13 +150,14 @@ def finalize_heatmap(
         cell = min(chunks[1], max(level.shape[1:]))
         group.create_array(
             str(n_levels), shape=level.shape, chunks=(level.shape[0], cell, cell), dtype="float32",
-            fill_value=0.0, overwrite=True,
+            fill_value=0.0, overwrite=True, dimension_names=_HEATMAP_AXES,
         )[...] = level
         n_levels += 1
     group.attrs["ome"] = {
         "version": "0.5",
         "multiscales": [
-            multiscale_metadata("heatmap", ("c", "y", "x"), n_levels, geometry.spacing_um, geometry.origin_um)
+            multiscale_metadata("heatmap", _HEATMAP_AXES, n_levels, geometry.spacing_um, geometry.origin_um,
+                                "mean")
         ],
         "omero": {
             "channels": [
@@ -171,7 +183,8 @@ def write_mask_image(path: Path, mask: np.ndarray, mpp_um: float) -> int:
     n_levels = 0
     while True:
         cell = min(512, max(level.shape))
-        array = group.create_array(str(n_levels), shape=level.shape, chunks=(cell, cell), dtype="uint8", fill_value=0)
+        array = group.create_array(str(n_levels), shape=level.shape, chunks=(cell, cell), dtype="uint8",
+                                   fill_value=0, dimension_names=_MASK_AXES)
         array[...] = level
         n_levels += 1
         if max(level.shape) <= 256:
@@ -179,7 +192,7 @@ def write_mask_image(path: Path, mask: np.ndarray, mpp_um: float) -> int:
         level = _downsample_max(level)
     group.attrs["ome"] = {
         "version": "0.5",
-        "multiscales": [multiscale_metadata("tissue", ("y", "x"), n_levels, mpp_um, mpp_um / 2)],
+        "multiscales": [multiscale_metadata("tissue", _MASK_AXES, n_levels, mpp_um, mpp_um / 2, "max")],
     }
     group.attrs["wsiflow"] = {"values": "1 = tissue, 0 = glass/excluded (pen, debris)"}
     return n_levels

@@ -86,7 +86,8 @@ class AnalysisParams:
     hotspots: int = 10
     """Top tiles per class listed in summary.json."""
     overview_class: str | None = None
-    """Class shown in overview.png; None = the second class (the first is usually background)."""
+    """Class shown in overview.png; None = the most informative one (highest mean probability
+    among the classes other than the first, ``background`` and ``tissue``)."""
 
     def __post_init__(self) -> None:
         if self.chunk_cells is not None and self.chunk_cells < 1:

@@ -10,6 +10,7 @@ import numpy as np
 
 from ._engine import EngineSettings
 from ._grid import TileGrid
+from ._overview import choose_overview_class
 from ._result import ModelInfo
 from ._settings import AnalysisParams
 from ._slide import Slide
@@ -57,16 +58,23 @@ def _hotspots(inputs: SummaryInputs) -> dict[str, list[dict[str, Any]]]:
     return hotspots
 
 
-def _classes(inputs: SummaryInputs, stride_um: float) -> dict[str, dict[str, float | int]]:
+def _classes(inputs: SummaryInputs) -> dict[str, dict[str, float | int]]:
+    """Per class: tiles predicted, their fraction, and areas of the cells (stride squares clipped
+    to the slide, as in results.geojson): predicted (``area_mm2``) and at or above the region
+    threshold (``region_area_mm2``, the GeoJSON regions' area)."""
     results = inputs.results
     n = len(results.rows)
     names = inputs.class_names
     counts = np.bincount(results.predicted, minlength=len(names)) if n else np.zeros(len(names), int)
+    cell_um2 = results.cell_area_um2()
+    predicted = results.predicted
+    threshold = inputs.params.region_threshold
     return {
         name: {
             "tiles": int(counts[i]),
             "fraction": round(float(counts[i]) / n, 6) if n else 0.0,
-            "area_mm2": round(float(counts[i]) * stride_um * stride_um / 1e6, 6),
+            "area_mm2": round(float(cell_um2[predicted == i].sum()) / 1e6, 6),
+            "region_area_mm2": round(float(cell_um2[results.probabilities[:, i] >= threshold].sum()) / 1e6, 6),
             "mean_probability": round(float(results.probabilities[:, i].mean()), 6) if n else 0.0,
         }
         for i, name in enumerate(names)
@@ -78,6 +86,7 @@ def build_summary(inputs: SummaryInputs) -> dict[str, Any]:
     spec = inputs.grid.spec
     stride_um = spec.effective_stride_px * spec.target_mpp
     slide, engine = inputs.slide, inputs.engine
+    overview = choose_overview_class(inputs.class_names, inputs.results.probabilities, inputs.params.overview_class)
     return {
         "slide_id": inputs.slide_id,
         "tiles": len(inputs.results.rows),
@@ -85,9 +94,10 @@ def build_summary(inputs: SummaryInputs) -> dict[str, Any]:
                  "tile_um": spec.tile_size_px * spec.target_mpp},
         "tissue": {"area_mm2": round(inputs.mask.area_mm2, 4), "fraction": round(inputs.mask.fraction, 4),
                    "mask_mpp": inputs.mask.mpp},
-        "classes": _classes(inputs, stride_um),
+        "classes": _classes(inputs),
         "hotspots": _hotspots(inputs),
         "regions": inputs.regions,
+        "overview": {"class": overview.class_name, "reason": overview.reason},
         "timings": inputs.timings,
         "chunks": {"cells": inputs.chunk_cells, "count": inputs.chunks},
         "provenance": {

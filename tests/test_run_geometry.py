@@ -84,6 +84,9 @@ def test_heatmap_cells_hold_their_tile_values_in_micrometres(pattern_slide, tmp_
         t = dataset["coordinateTransformations"][1]["translation"][1]
         assert s == pytest.approx(scale[1] * 2**k)
         assert t == pytest.approx(translation[1] + (2**k - 1) / 2 * scale[1])
+    # NGFF 0.5: every level names its dimensions after the axes.
+    for dataset in multiscale["datasets"]:
+        assert group[dataset["path"]].metadata.dimension_names == ("c", "y", "x")
     level1 = np.asarray(group["1"][...]) if "1" in group else None
     if level1 is not None:
         np.testing.assert_allclose(level1[0, 0, 0], level0[0, :2, :2].mean(), rtol=1e-6)

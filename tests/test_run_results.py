@@ -83,8 +83,11 @@ def test_outputs_are_complete_valid_and_free_of_the_file_name(bundled, cmu_svs, 
 
     table = pq.read_table(result / "tiles.parquet")
     assert table.num_rows == outcome.tiles
-    for column in ("x", "y", "width", "height", "x_um", "y_um", "prob_tissue", "prob_pen", "predicted_class"):
+    for column in ("slide_id", "model", "x", "y", "width", "height", "x_um", "y_um", "cell_area_um2",
+                   "prob_tissue", "prob_pen", "predicted_class"):
         assert column in table.column_names
+    assert set(table.column("slide_id").to_pylist()) == {outcome.slide_id}
+    assert set(table.column("model").to_pylist()) == {"tissue-qc@1"}
     probs = np.stack([table.column(c).to_numpy() for c in table.column_names if c.startswith("prob_")], axis=1)
     np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-4)
     predicted = np.array(table.column("predicted_class").to_pylist())
@@ -94,7 +97,10 @@ def test_outputs_are_complete_valid_and_free_of_the_file_name(bundled, cmu_svs, 
     kinds = {f["properties"]["objectType"] for f in geo["features"]}
     assert kinds == {"detection", "annotation"}
     detection = next(f for f in geo["features"] if f["properties"]["objectType"] == "detection")
-    assert set(detection["properties"]["measurements"]) == {"prob_background", "prob_tissue", "prob_pen", "prob_blur"}
+    assert set(detection["properties"]["measurements"]) == {
+        "prob_background", "prob_tissue", "prob_pen", "prob_blur",
+        "tissue_fraction", "tile_x", "tile_y", "tile_width", "tile_height",
+    }
 
     summary = json.loads((result / "summary.json").read_text())
     assert summary["tiles"] == outcome.tiles

@@ -70,7 +70,8 @@ def add_settings_options(parser: argparse.ArgumentParser, *, with_out: bool = Tr
     grid.add_argument("--chunk-cells", type=positive_int, metavar="N",
                       help="heatmap block edge in tiles: unit of work/resume")
     grid.add_argument("--overview-class", metavar="CLASS",
-                      help="class shown in overview.png (default: the second class)")
+                      help="class shown in overview.png (default: the most informative: highest mean "
+                           "probability among classes other than the first, background and tissue)")
     engine = parser.add_argument_group("engine (default: config)")
     engine.add_argument("--device", choices=("auto", "cpu", "cuda"))
     engine.add_argument("--batch-size", type=positive_int, metavar="N")
