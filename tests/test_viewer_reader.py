@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -53,10 +55,17 @@ def test_result_folder_gives_slide_heatmaps_and_mask_aligned_in_micrometres(resu
     assert slide_meta["scale"] == pytest.approx((0.499, 0.499))
     assert slide_meta["translate"] == pytest.approx((0.2495, 0.2495))
 
+    # Every layer in µm, so napari's scale bar and cursor read µm (one layer without would make it "pixel").
+    assert all(meta["units"] == ("um", "um") for _, meta, _ in layers)
+
     heat_data, heat_meta, _ = layers[2]  # P(tissue)
     assert heat_meta["scale"] == pytest.approx((112.0, 112.0))
     assert heat_meta["translate"] == pytest.approx((112.0, 112.0))
-    assert heat_meta["contrast_limits"] == (0.0, 1.0) and heat_meta["visible"]
+    assert heat_meta["contrast_limits"] == (0.0, 1.0)
+    # The class visible is the one overview.png shows (summary.json says which), else the second.
+    summary = json.loads((result / "summary.json").read_text(encoding="utf-8"))
+    shown = (summary.get("overview") or {}).get("class", "tissue")
+    assert [meta["name"] for _, meta, _ in layers[1:5] if meta["visible"]] == [f"P({shown})"]
 
     table = pq.read_table(result / "tiles.parquet")
     rows, cols = table.column("row").to_numpy(), table.column("col").to_numpy()
@@ -121,8 +130,6 @@ def test_sample_data_contribution(result, monkeypatch):
 
 
 def test_opening_a_result_or_a_slide_is_recorded_in_the_audit_log(result, cmu_svs_module):
-    import json
-
     from privacy import read_audit_log, verify_audit_log
 
     before = len(read_audit_log())

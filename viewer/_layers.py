@@ -15,9 +15,12 @@ import numpy as np
 
 from pipeline import MppPolicy, ResultFolder, Slide, lookup_slide_location, open_slide
 
-__all__ = ["slide_layer", "result_layers", "LayerData", "open_result_slide"]
+__all__ = ["slide_layer", "result_layers", "LayerData", "open_result_slide", "UNITS", "heatmap_colormap"]
 
 LayerData = tuple[Any, dict[str, Any], str]
+UNITS = ("um", "um")
+"""Every wsiflow layer is in micrometres: napari's scale bar and cursor read µm only when all
+layers say so (a layer without units makes napari fall back to "pixel" for all)."""
 _CHUNK_PX = 1024
 
 
@@ -55,6 +58,7 @@ def slide_layer(slide: Slide, name: str = "slide") -> LayerData:
             "multiscale": multiscale,
             "scale": (sy, sx),
             "translate": (sy / 2, sx / 2),
+            "units": UNITS,
             "metadata": {"wsiflow": {"kind": "slide", "mpp": [sx, sy], "backend": slide.info.backend}},
         },
         "image",
@@ -70,13 +74,29 @@ def _transform(dataset: dict[str, Any]) -> tuple[list[float], list[float]]:
     return scale, translation
 
 
-def _colormap(name: str, color: str) -> dict[str, Any]:
-    rgb = [int(color.lstrip("#")[i : i + 2], 16) / 255 for i in (0, 2, 4)]
-    return {"name": f"wsiflow-{name}", "colors": [[*rgb, 0.0], [*rgb, 1.0]]}
+def heatmap_colormap(name: str, color: str) -> dict[str, Any]:
+    """The class colour, see-through at 0 and opaque at 1; light at low and dark at high
+    probabilities, so a faint class still shows (any P >= 0.05 is at least half opaque) and
+    a pale class colour still reads over white glass."""
+    rgb = np.array([int(color.lstrip("#")[i : i + 2], 16) / 255 for i in (0, 2, 4)])
+    light, dark = 1 - 0.7 * (1 - rgb), 0.7 * rgb
+    return {
+        "name": f"wsiflow-{name}",
+        "colors": [[*light, 0.0], [*light, 0.5], [*rgb, 0.8], [*dark, 1.0]],
+        "controls": [0.0, 0.05, 0.5, 1.0],
+    }
+
+
+def _default_class(folder: ResultFolder, names: list[str]) -> str:
+    """The class overview.png shows (``summary.json``'s ``overview.class``), else the second."""
+    overview = folder.read_summary().data.get("overview")
+    chosen = overview.get("class") if isinstance(overview, dict) else None
+    return chosen if chosen in names else names[min(1, len(names) - 1)]
 
 
 def result_layers(result_dir: Path, visible_class: str | None = None) -> list[LayerData]:
-    """One heatmap layer per class and the tissue mask, from a result folder."""
+    """One heatmap layer per class (``visible_class``, by default the one overview.png shows,
+    visible) and the tissue mask, from a result folder."""
     import dask.array as da
     import zarr
 
@@ -87,7 +107,7 @@ def result_layers(result_dir: Path, visible_class: str | None = None) -> list[La
     classes = heatmap_attrs["wsiflow"]["classes"]
     scale, translation = _transform(multiscale["datasets"][0])
     levels = [da.from_zarr(heatmap[d["path"]]) for d in multiscale["datasets"]]
-    visible = visible_class or classes[min(1, len(classes) - 1)]["name"]
+    visible = visible_class or _default_class(folder, [c["name"] for c in classes])
     layers: list[LayerData] = []
     for index, cls in enumerate(classes):
         data, multiscale = _pyramid([level[index] for level in levels])
@@ -99,7 +119,8 @@ def result_layers(result_dir: Path, visible_class: str | None = None) -> list[La
                 "scale": tuple(scale[1:]),
                 "translate": tuple(translation[1:]),
                 "contrast_limits": (0.0, 1.0),
-                "colormap": _colormap(cls["name"], cls["color"]),
+                "colormap": heatmap_colormap(cls["name"], cls["color"]),
+                "units": UNITS,
                 "opacity": 0.6,
                 "blending": "translucent",
                 "visible": cls["name"] == visible,
@@ -116,7 +137,7 @@ def result_layers(result_dir: Path, visible_class: str | None = None) -> list[La
     layers.append((
         data,
         {"name": "tissue", "multiscale": multiscale, "scale": tuple(t_scale), "translate": tuple(t_translation),
-         "opacity": 0.3, "visible": False, "metadata": {"wsiflow": {"kind": "tissue"}}},
+         "units": UNITS, "opacity": 0.3, "visible": False, "metadata": {"wsiflow": {"kind": "tissue"}}},
         "labels",
     ))
     return layers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def run_view(args: argparse.Namespace, config: WsiflowConfig) -> int:
         print("wsiflow: error unsupported: not a wsiflow result folder or a readable slide with a known µm/px",
               file=sys.stderr)
         return EXIT_FAILED
+    # Qt6: a venv that still holds PyQt5 would otherwise pick it (deprecated in napari 0.9).
+    os.environ.setdefault("QT_API", "pyqt6")
     import napari
     from napari.settings import get_settings
 
@@ -44,6 +47,6 @@ def run_view(args: argparse.Namespace, config: WsiflowConfig) -> int:
     viewer.open(str(args.path), plugin="wsiflow")
     if ResultFolder.find(args.path) is not None:
         viewer.window.add_plugin_dock_widget("wsiflow", "wsiflow review")
-    viewer.scale_bar.visible = True
+    viewer.canvas.overlays.scale_bar.visible = True  # in µm: every wsiflow layer carries units
     napari.run()
     return EXIT_OK
