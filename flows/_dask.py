@@ -4,13 +4,20 @@ Only descriptors travel through the scheduler: the chunk task (grid cells and le
 coordinates), the slide job (paths, mpp, settings) and a model reference (registry,
 name@version, sha256). Each worker process loads the model once, verified against the
 sha256, and keeps it (cached by digest); it opens slides itself and reads its chunk's tiles
-where the model runs, so no pixels cross the network.
+where the model runs, so no pixels cross the network. The workers there when a process
+first connects load the model before any slide starts, so a slide's tiles/s measures its
+inference, not the workers' start-up.
+
+Ctrl-C: :func:`stop_dask_chunks` makes every chunk wait in this process end at once with
+:class:`SlideInterrupted`, and the slide's queued chunks are cancelled; chunks finished
+before keep their done-markers, so a rerun resumes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,13 +35,47 @@ from pipeline import (
 
 from ._model_ref import ModelRef, load_model_ref, loaded_models
 
-__all__ = ["DaskChunkExecutor", "chunk_on_worker", "worker_cache_sizes", "dask_executor", "close_dask_clients"]
+__all__ = [
+    "DaskChunkExecutor",
+    "SlideInterrupted",
+    "chunk_on_worker",
+    "worker_cache_sizes",
+    "dask_executor",
+    "close_dask_clients",
+    "stop_dask_chunks",
+    "reset_dask_stop",
+]
 
 _log = logging.getLogger(__name__)
 
 # Per worker process: slides by (path, backend, mpp).
 _SLIDES: dict[tuple[str, str, float, float], Slide] = {}
 _MAX_OPEN_SLIDES = 8
+
+# Per process: set by Ctrl-C (from the main thread's signal handler, so only an Event).
+_STOP = threading.Event()
+_POLL_S = 0.2
+"""How often a chunk wait looks at :data:`_STOP` while no chunk finishes."""
+
+
+class SlideInterrupted(Exception):
+    """The run was interrupted (Ctrl-C) while this slide was being analysed: it is neither
+    done nor failed, and its finished chunks are kept for a rerun. Not a ``WsiflowError``:
+    nothing is wrong with the slide, and the analysis lets it through untouched."""
+
+    def __init__(self) -> None:
+        super().__init__("interrupted; finished chunks are kept, a rerun resumes")
+
+
+def stop_dask_chunks() -> None:
+    """Ctrl-C: chunk waits in this process raise :class:`SlideInterrupted` (within
+    ``_POLL_S``) and cancel their slide's remaining chunks. Safe in a signal handler."""
+    _STOP.set()
+
+
+def reset_dask_stop() -> None:
+    """After an interrupted run has ended, let later runs in this process wait again."""
+    _STOP.clear()
 
 
 def _worker_slide(job: ChunkJob) -> Slide:
@@ -85,13 +126,6 @@ class DaskChunkExecutor:
         run_local: Callable[[Sequence[ChunkTask]], None],
         advance: Callable[[int], None] | None,
     ) -> None:
-        from concurrent.futures import CancelledError
-
-        from distributed import as_completed
-        from distributed.scheduler import KilledWorker
-
-        # Failures worth a retry and, once retries are spent, a WorkerError.
-        transient = (KilledWorker, CancelledError, OSError, RuntimeError, TimeoutError, MemoryError)
         if not tasks:
             return
         resources = {"GPU": 1} if self._gpu_workers() else None
@@ -103,39 +137,68 @@ class DaskChunkExecutor:
             )
             for task in tasks
         ]
-        failure: WsiflowError | None = None
-        pending = as_completed(futures)
-        for future in pending:
-            try:
-                _, tiles, error = future.result()
-            except KilledWorker:
-                # Worker processes died running this chunk (a crash in a native decoder, the
-                # OOM killer): the slide is likely poison, so do not feed it more workers.
-                failure = WorkerError(
-                    "a worker process died while running a chunk of this slide (a crash in the slide "
-                    "library or out of memory); the rest of the slide was not sent to the cluster",
-                    transient=False,
-                )
-            except transient as exc:
-                failure = WorkerError(
-                    f"a chunk failed {self.retries + 1} times on the cluster ({type(exc).__name__})"
-                )
-            else:
-                if error is None:
-                    if advance is not None:
-                        advance(tiles)
-                    continue
-                failure = error
-            break
+        try:
+            failure = self._wait(futures, advance)
+        except BaseException:
+            # Ctrl-C (here, or SlideInterrupted from another thread's stop): the cluster
+            # must not go on with this slide; finished chunks keep their markers.
+            self.client.cancel(futures)
+            raise
         if failure is not None:
             # Fail fast: chunks already finished keep their markers, so a rerun resumes.
-            for future in futures:
-                future.cancel()
+            self.client.cancel(futures)
             raise failure
+
+    def _wait(self, futures: list[Any], advance: Callable[[int], None] | None) -> WsiflowError | None:
+        """Wait for the chunks, reporting tiles as each finishes; the first failure, if any.
+
+        Polls instead of blocking in ``as_completed`` so that :func:`stop_dask_chunks` (and
+        a Ctrl-C in this thread) ends the wait within ``_POLL_S``."""
+        from concurrent.futures import CancelledError
+
+        from distributed.scheduler import KilledWorker
+
+        # Failures worth a retry and, once retries are spent, a WorkerError.
+        transient = (KilledWorker, CancelledError, OSError, RuntimeError, TimeoutError, MemoryError)
+        pending = list(futures)
+        while pending:
+            if _STOP.is_set():
+                raise SlideInterrupted()
+            finished: list[Any] = []
+            waiting: list[Any] = []
+            for future in pending:
+                (finished if future.done() else waiting).append(future)
+            pending = waiting
+            if not finished:
+                _STOP.wait(_POLL_S)
+                continue
+            for future in finished:
+                try:
+                    _, tiles, error = future.result()
+                except KilledWorker:
+                    # Worker processes died running this chunk (a crash in a native decoder, the
+                    # OOM killer): the slide is likely poison, so do not feed it more workers.
+                    return WorkerError(
+                        "a worker process died while running a chunk of this slide (a crash in the slide "
+                        "library or out of memory); the rest of the slide was not sent to the cluster",
+                        transient=False,
+                    )
+                except transient as exc:
+                    if _STOP.is_set():
+                        raise SlideInterrupted() from None
+                    return WorkerError(
+                        f"a chunk failed {self.retries + 1} times on the cluster ({type(exc).__name__})"
+                    )
+                if error is not None:
+                    return error
+                if advance is not None:
+                    advance(tiles)
+        return None
 
 
 # Per process: one client per scheduler address, shared by the slides this process runs.
 _CLIENTS: dict[str, Any] = {}
+_WARMED: set[tuple[str, str]] = set()
 
 
 def dask_executor(address: str, model: ModelRef) -> DaskChunkExecutor:
@@ -145,7 +208,29 @@ def dask_executor(address: str, model: ModelRef) -> DaskChunkExecutor:
     client = _CLIENTS.get(address)
     if client is None:
         client = _CLIENTS[address] = Client(address, timeout="60s")
+    if (address, model.sha256) not in _WARMED:
+        _warm_workers(client, model)
+        _WARMED.add((address, model.sha256))
     return DaskChunkExecutor(client, model)
+
+
+def _load_on_worker(model: ModelRef) -> None:
+    load_model_ref(model)
+
+
+def _warm_workers(client: Any, model: ModelRef) -> None:
+    """Load the model on each worker there now (torch import, weights read and verified),
+    before a slide's clock starts. A worker that cannot load it is left to the chunks,
+    which report why; workers that join later load it with their first chunk."""
+    from distributed import wait
+
+    # Ahead of queued chunks (another slide's), so this slide does not wait for them.
+    futures = [
+        client.submit(_load_on_worker, model, workers=[address], allow_other_workers=False, pure=False,
+                      priority=100)
+        for address in client.nthreads()
+    ]
+    wait(futures)
 
 
 def close_dask_clients() -> None:
@@ -153,3 +238,4 @@ def close_dask_clients() -> None:
     for client in list(_CLIENTS.values()):
         client.close()
     _CLIENTS.clear()
+    _WARMED.clear()

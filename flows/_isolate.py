@@ -5,27 +5,94 @@ libjpeg, OpenJPEG) with a signal no Python code can catch. In a child process th
 one slide: it is reported as a ``worker`` error and the run goes on with the next slide,
 and the chunks the child finished are kept for a rerun. The child is reused across slides
 (the model is loaded once) and replaced after a crash.
+
+Ctrl-C: a terminal sends SIGINT to every process in its foreground group, children
+included. The child is started with SIGINT blocked (:func:`quiet_children`), so it never
+prints a traceback of its own; the run's Ctrl-C handler stops it instead (:meth:`stop`):
+SIGTERM makes the child abandon the slide under way (locks released, its queued Dask
+chunks cancelled, the progress bar cleared) and wait to be shut down; a second Ctrl-C
+kills it.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from multiprocessing import resource_tracker
+from types import FrameType
+
+from tqdm import tqdm
 
 from pipeline import ModelInfo, RunSettings, SlideOutcome, WorkerError, apply_offline_env
 
+from ._dask import SlideInterrupted
+from ._logs import configure_child_logging
 from ._model_ref import ModelRef
 from ._slide_job import SlideJob, analyse_job
 
-__all__ = ["IsolatedSlideRunner"]
+__all__ = ["IsolatedSlideRunner", "quiet_children"]
 
 _log = logging.getLogger(__name__)
+
+_STOP_GRACE_S = 3.0
+"""After Ctrl-C, how long a child may take to abandon its slide before it is killed."""
+
+
+@contextmanager
+def quiet_children() -> Iterator[None]:
+    """Processes started in this thread meanwhile (and threads, which start more) do not
+    get the terminal's Ctrl-C: SIGINT is blocked here, and they inherit the mask (a Python
+    process keeps it). The run's own handler stops them; a pending Ctrl-C arrives on exit.
+    """
+    # The resource tracker, when first started, unblocks SIGINT in the thread starting it:
+    # start it now, before blocking, not in the middle of the first spawn.
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+# In the child: whether a slide is under way, and whether the parent asked it to stop.
+_IN_SLIDE = False
+_STOP_ASKED = False
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """In the child: the parent's :meth:`IsolatedSlideRunner.stop`. Abandon the slide under
+    way; an idle child just waits for the parent to shut it down (exiting here would only
+    skip the clean-up that a normal exit does)."""
+    global _STOP_ASKED
+    _STOP_ASKED = True
+    if _IN_SLIDE:
+        raise KeyboardInterrupt
 
 
 def _child_start() -> None:
     apply_offline_env()
+    configure_child_logging()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    # tqdm's default lock is a multiprocessing one: a semaphore that a killed child would
+    # leave to the resource tracker, which then warns at exit. Bars here need a thread lock.
+    tqdm.set_lock(threading.RLock())
+
+
+def _analyse_in_child(job: SlideJob, settings: RunSettings, model: ModelRef, info: ModelInfo) -> SlideOutcome:
+    global _IN_SLIDE
+    _IN_SLIDE = True  # first, then look: a stop between the two is not missed
+    try:
+        if _STOP_ASKED:
+            raise KeyboardInterrupt
+        return analyse_job(job, settings, model, info)
+    finally:
+        _IN_SLIDE = False
 
 
 class IsolatedSlideRunner:
@@ -36,6 +103,7 @@ class IsolatedSlideRunner:
         self._model = model
         self._info = info
         self._pool: ProcessPoolExecutor | None = None
+        self._stopped = False
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -46,10 +114,16 @@ class IsolatedSlideRunner:
         return self._pool
 
     def run(self, job: SlideJob) -> SlideOutcome:
-        future = self._executor().submit(analyse_job, job, self._settings, self._model, self._info)
+        """The slide's outcome; :class:`SlideInterrupted` once :meth:`stop` was called."""
+        if self._stopped:
+            raise SlideInterrupted()
+        with quiet_children():  # the child is spawned by the first submit
+            future = self._executor().submit(_analyse_in_child, job, self._settings, self._model, self._info)
         try:
             return future.result()
         except BrokenProcessPool:
+            if self._stopped:
+                raise SlideInterrupted() from None
             self.close()
             _log.warning("the process analysing a slide died; continuing with the next slide")
             return SlideOutcome(
@@ -62,8 +136,40 @@ class IsolatedSlideRunner:
                     transient=False,
                 ),
             )
+        except KeyboardInterrupt:
+            if self._stopped:  # the child abandoned the slide (or this thread was interrupted) after stop()
+                raise SlideInterrupted() from None
+            # Ctrl-C without wsiflow's handler (a caller's own loop): stop the child too, or
+            # close() would wait for the whole slide.
+            self.stop(hard=False)
+            raise
+
+    def stop(self, hard: bool) -> None:
+        """Ctrl-C: the child abandons its slide now (SIGTERM; SIGKILL when ``hard``). Its
+        finished chunks are kept; :meth:`run` raises :class:`SlideInterrupted` from now on.
+        Safe in a signal handler (it only sends signals)."""
+        self._stopped = True
+        pool = self._pool
+        # The executor has no public way to end a busy child before Python 3.14.
+        processes = getattr(pool, "_processes", None) or {}
+        for process in list(processes.values()):
+            if hard:
+                process.kill()
+            else:
+                process.terminate()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        """Shut the child down; after :meth:`stop`, one still busy after ``_STOP_GRACE_S``
+        (in a long native call, where SIGTERM waits) is killed."""
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        if self._stopped:
+            processes = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                process.join(_STOP_GRACE_S)
+                if process.is_alive():
+                    process.kill()
+            return
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -28,6 +28,57 @@ def _api(prefect_server, path: str, body: dict | None = None):
         return json.loads(response.read())
 
 
+def _read_artifacts(prefect_server, flow_run_id: str) -> dict[str, list[dict]]:
+    """The flow run's table artifacts by key, read back through the Prefect client."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with SyncPrefectClient(prefect_server["url"]) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: json.loads(a.data) if isinstance(a.data, str) else a.data for a in artifacts}
+
+
+def _check_artifacts(prefect_server, flow_run_id: str, report: dict, out: Path) -> None:
+    """The per-slide table and the totals say what the --json report says, without a path."""
+    from pipeline import ResultFolder
+
+    artifacts = _read_artifacts(prefect_server, flow_run_id)
+    assert set(artifacts) == {"wsiflow-batch", "wsiflow-batch-totals"}
+    done, failed = report["slides"]
+    table = artifacts["wsiflow-batch"]
+    assert [list(row) for row in table] == [
+        ["slide", "status", "kind", "message", "remedy", "duration_s", "tiles", "tiles/s", "mpp", "result"]] * 2
+    good, bad = table
+    assert good == {
+        "slide": done["slide_id"], "status": "done", "kind": None, "message": None, "remedy": None,
+        "duration_s": done["duration_s"], "tiles": done["tiles"], "tiles/s": done["tiles_per_s"],
+        "mpp": "metadata", "result": str(Path(done["result_dir"]).relative_to(out)),
+    }
+    assert good["duration_s"] > 0 and good["tiles/s"] > 0
+    # The failed slide says why and what to do, as the terminal does.
+    assert bad == {
+        "slide": failed["slide_id"], "status": "failed", "kind": "corrupt",
+        "message": failed["error"]["message"], "remedy": failed["error"]["hint"],
+        "duration_s": failed["duration_s"], "tiles": None, "tiles/s": None,
+        "mpp": (failed["mpp"] or {}).get("source"), "result": None,
+    }
+    assert bad["message"] and bad["remedy"]
+
+    [totals] = artifacts["wsiflow-batch-totals"]
+    tissue = ResultFolder(Path(done["result_dir"])).read_summary().data["tissue"]["area_mm2"]
+    hours = totals["wall_s"] / 3600
+    assert totals["wall_s"] >= done["duration_s"]
+    assert {k: totals[k] for k in ("slides", "done", "reused", "failed", "interrupted", "tiles")} == {
+        "slides": 2, "done": 1, "reused": 0, "failed": 1, "interrupted": 0, "tiles": done["tiles"]}
+    assert totals["slides/h"] == pytest.approx(1 / hours, rel=0.01)
+    assert totals["tiles/s"] == pytest.approx(done["tiles"] / totals["wall_s"], rel=0.01)
+    assert totals["tissue mm²"] == pytest.approx(tissue, abs=0.01) and tissue > 0
+    assert totals["tissue mm²/h"] == pytest.approx(tissue / hours, rel=0.01)
+    stored = json.dumps(artifacts, ensure_ascii=False)
+    assert str(out) not in stored and "PATIENT-SENTINEL" not in stored and ".svs" not in stored
+
+
 def test_batch_flow_on_the_server(prefect_server, wsiflow_cli, cmu_svs, tmp_path):
     corrupt = shared_file("bad/unreadable-corrupt-tile.svs")
     inbox = tmp_path / "PATIENT-SENTINEL-4242"
@@ -86,9 +137,7 @@ def test_batch_flow_on_the_server(prefect_server, wsiflow_cli, cmu_svs, tmp_path
     assert states[bad]["type"] == "FAILED" and "corrupt:" in states[bad]["message"]
     artifacts = [a for a in _api(prefect_server, "/artifacts/filter", {"limit": 200})
                  if a.get("flow_run_id") == run["id"]]
-    table = next(a for a in artifacts if a["key"] == "wsiflow-batch")
-    rows = json.loads(table["data"]) if isinstance(table["data"], str) else table["data"]
-    assert [r["status"] for r in rows] == ["done", "failed"] and rows[1]["error"] == "corrupt"
+    _check_artifacts(prefect_server, run["id"], report, tmp_path / "out")
 
     # Nothing the server stored names the slide: not the run, tasks, artifacts, logs or database.
     logs = _api(prefect_server, "/logs/filter", {"limit": 200})
@@ -101,76 +150,3 @@ def test_batch_flow_on_the_server(prefect_server, wsiflow_cli, cmu_svs, tmp_path
 
 def _python(code: str, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def test_inbox_processes_a_dropped_slide_once(prefect_server, cmu_svs, tmp_path):
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    env = {**os.environ, "PREFECT_API_URL": prefect_server["url"], "PREFECT_HOME": str(prefect_server["home"])}
-    # The settings `wsiflow serve` stores: the config (with a folder mpp override) and its options.
-    config = {"mpp_overrides": [{"label": "inbox-scanner", "folder": str(inbox), "mpp": 0.25}]}
-    serve_args = ["serve", "--inbox", str(inbox), "--out", str(tmp_path / "out"), "--stride", "112", "--readers", "2"]
-    created = _python(
-        "from flows import parse_config; from flows._inbox import save_inbox; from flows.cli import build_parser; "
-        "from flows.cli._options import build_run_settings; "
-        f"settings = build_run_settings(parse_config({config!r}), build_parser().parse_args({serve_args!r})); "
-        f"print(save_inbox({str(inbox)!r}, settings))",
-        env,
-    )
-    assert created.returncode == 0, created.stderr[-2000:]
-    inbox_id = created.stdout.strip()
-    shutil.copy(cmu_svs, inbox / "new-scan.svs")
-    shutil.copy(shared_file("bad/unreadable-corrupt-tile.svs"), inbox / "broken.svs")
-    shutil.copy(shared_file("slides/TCGA-CR-7395-crop-jp2k-no-mpp.svs"), inbox / "no-mpp.svs")
-    ticks = _python(
-        "import json; from flows._inbox import inbox_tick, read_ledger; "
-        f"print(json.dumps([inbox_tick({inbox_id!r}) for _ in range(3)])); "
-        f"print(json.dumps(read_ledger({inbox_id!r})))",
-        env,
-    )
-    assert ticks.returncode == 0, ticks.stderr[-3000:]
-    counts_line, ledger_line = ticks.stdout.strip().splitlines()[-2:]
-    counts = json.loads(counts_line)
-    assert counts[0] == {"ready": 0, "processed": 0, "failed": 0}  # first look: still settling
-    assert counts[1] == {"ready": 3, "processed": 2, "failed": 1}
-    assert counts[2] == {"ready": 0, "processed": 0, "failed": 0}  # neither redone nor retried
-    ledger = json.loads(ledger_line)
-    good, bad = ledger[str(inbox / "new-scan.svs")], ledger[str(inbox / "broken.svs")]
-    assert good["status"] == "processed" and good["slide_id"].startswith("s-")
-    assert bad["status"] == "failed" and bad["error"]["kind"] == "corrupt"
-    assert bad["result"] is None
-    assert (tmp_path / "out" / good["result"] / "result.json").exists()  # relative to the output folder
-    # serve honours the config's mpp_overrides: the slide without µm/px used the inbox's entry,
-    # the one with valid metadata kept its own.
-    from pipeline import ResultFolder
-
-    overridden = ResultFolder(tmp_path / "out" / ledger[str(inbox / "no-mpp.svs")]["result"]).read_summary()
-    assert (overridden.mpp.mpp_x, overridden.mpp.override) == (0.25, "mpp_overrides[inbox-scanner]")
-    kept = ResultFolder(tmp_path / "out" / good["result"]).read_summary()
-    assert kept.mpp.source == "metadata" and kept.mpp.declined == "mpp_overrides[inbox-scanner]"
-
-
-def test_serve_creates_a_scheduled_deployment(prefect_server, wsiflow_cli, tmp_path):
-    inbox = tmp_path / "PATIENT-SENTINEL-inbox"
-    inbox.mkdir()
-    env = {**os.environ, "PREFECT_API_URL": prefect_server["url"], "PREFECT_HOME": str(prefect_server["home"])}
-    process = subprocess.Popen(
-        [*wsiflow_cli, "serve", "--inbox", str(inbox), "--out", str(tmp_path / "out"), "--interval", "3600"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        deployments = []
-        while time.monotonic() < deadline and not deployments:
-            deployments = [d for d in _api(prefect_server, "/deployments/filter", {"limit": 20}) if d["name"].startswith("i-")]
-            time.sleep(2)
-        assert deployments, "no inbox deployment appeared on the server"
-        deployment = deployments[0]
-        assert deployment["parameters"] == {"inbox_id": deployment["name"]}
-        assert "PATIENT-SENTINEL" not in json.dumps(deployment)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()

@@ -24,7 +24,7 @@ from .._config import load_config
 from .._logs import configure_logging
 from ._audit import add_audit_parser, run_audit
 from ._batch import add_batch_parser, run_batch_command
-from ._common import EXIT_FAILED, EXIT_USAGE, OneLineArgumentParser
+from ._common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, OneLineArgumentParser
 from ._deid import add_deid_parser, run_deid
 from ._export import add_export_parser, run_export
 from ._inspect import add_inspect_parser, run_inspect
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED
     except KeyboardInterrupt:
         print("wsiflow: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

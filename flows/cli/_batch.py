@@ -18,7 +18,7 @@ from ._options import (
     expand_slides_or_report,
     pin_and_check_model,
 )
-from ._report import print_report
+from ._report import print_report, report_interrupted
 
 __all__ = ["add_batch_parser", "run_batch_command"]
 
@@ -39,6 +39,13 @@ def add_batch_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_batch_command(args: argparse.Namespace, config: WsiflowConfig) -> int:
+    try:
+        return _run_batch(args, config)
+    except KeyboardInterrupt:
+        return report_interrupted()
+
+
+def _run_batch(args: argparse.Namespace, config: WsiflowConfig) -> int:
     from .._batch import run_batch
 
     settings = build_run_settings(config, args)

@@ -8,13 +8,17 @@ from typing import NoReturn
 
 from pipeline import ConfigError
 
-__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "OneLineArgumentParser", "mpp_arg", "positive_int"]
+__all__ = [
+    "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "OneLineArgumentParser", "mpp_arg", "positive_int",
+]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 """At least one slide/model/image failed; the rest were processed."""
 EXIT_USAGE = 2
 """Bad arguments or config; nothing was processed."""
+EXIT_INTERRUPTED = 130
+"""Stopped by Ctrl-C (128 + SIGINT, as shells report it)."""
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

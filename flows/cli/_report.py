@@ -6,7 +6,10 @@ The JSON document (``--json``) has one shape for both commands (documented in RE
     {"command": "run" | "batch", "batch_id": str | null, "state": str,
      "counts": {"done": n, "reused": n, "failed": n},
      "slides": [{"input_index": i, "slide_id", "status", "result_dir", "model", "tiles",
-                 "tiles_per_s", "chunks_computed", "chunks_total", "mpp", "error"}, ...]}
+                 "tiles_per_s", "chunks_computed", "chunks_total", "mpp", "error",
+                 "duration_s"}, ...]}
+
+An interrupted run (Ctrl-C) prints no document: one line on stderr and exit code 130.
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ from typing import Any
 
 from pipeline import ResultFolder
 
-__all__ = ["slide_lines", "print_report", "state_of"]
+from ._common import EXIT_INTERRUPTED
+
+__all__ = ["slide_lines", "print_report", "state_of", "report_interrupted"]
+
+"""Stopped by Ctrl-C (128 + SIGINT, what shells report)."""
 
 
 def _mpp_text(row: dict[str, Any]) -> str:
@@ -80,3 +87,12 @@ def print_report(command: str, rows: list[dict[str, Any]], *, as_json: bool, bat
     for row in rows:
         if row["error"]:
             print(f"  failed [{row['input_index'] + 1}/{len(rows)}] {row['error']['kind']}: {row['error']['message']}")
+
+
+def report_interrupted() -> int:
+    """After Ctrl-C stopped a run or batch: one line that says a rerun resumes; the exit code."""
+    # On a terminal the line follows the ^C echo (or a progress bar a child left), not joins it.
+    start = "\n" if sys.stderr.isatty() else ""
+    print(f"{start}wsiflow: interrupted -- finished chunks are kept; run the same command again to resume",
+          file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from pipeline import site_secret
 
 from .._config import WsiflowConfig
+from .._dask import SlideInterrupted
 from .._model_ref import resolve_model
-from .._runs import SlideRunner
+from .._runs import Interrupt, SlideRunner, interruptible
 from .._slide_job import identify_job
 from ._common import EXIT_FAILED, EXIT_OK
 from ._options import (
@@ -20,7 +22,7 @@ from ._options import (
     expand_slides_or_report,
     pin_and_check_model,
 )
-from ._report import print_report, slide_lines
+from ._report import print_report, report_interrupted, slide_lines
 
 __all__ = ["add_run_parser", "run_run"]
 
@@ -51,6 +53,14 @@ def run_run(args: argparse.Namespace, config: WsiflowConfig) -> int:
         from ._batch import run_batch_command
 
         return run_batch_command(args, config)
+    try:
+        with interruptible() as interrupt:
+            return _run_slides(args, config, interrupt)
+    except (KeyboardInterrupt, SlideInterrupted):
+        return report_interrupted()
+
+
+def _run_slides(args: argparse.Namespace, config: WsiflowConfig, interrupt: Interrupt) -> int:
     settings = build_run_settings(config, args)
     slides = expand_slides_or_report(args.slides)
     if not slides:
@@ -59,13 +69,15 @@ def run_run(args: argparse.Namespace, config: WsiflowConfig) -> int:
     settings = pin_and_check_model(settings, loaded.preprocessing, info)
     secret = site_secret()
     runner = SlideRunner(settings, model, info)
+    interrupt.on_stop(runner.stop)
     rows = []
     try:
         for index, slide in enumerate(slides):
             label = f"[{index + 1}/{len(slides)}]" + (f" {slide}" if args.show_paths else "")
             job = identify_job(slide, secret, label, show_progress=not args.json)
+            started = time.monotonic()
             outcome = runner.run(job, via="run")
-            row = {"input_index": index, **outcome.to_json()}
+            row = {"input_index": index, **outcome.to_json(), "duration_s": round(time.monotonic() - started, 2)}
             if args.show_paths:
                 row["input"] = slide
             rows.append(row)
