@@ -91,7 +91,7 @@ class _TransientSlideFailure(RuntimeError):
     """Raised inside the slide task so that Prefect retries it (lost workers, I/O)."""
 
 
-class _SlideFailed(RuntimeError):
+class SlideAnalysisFailed(RuntimeError):
     """Raised inside the slide task so that Prefect shows it Failed, with the error's kind,
     message and remedy (never a path) as the state message; carries the slide's row."""
 
@@ -146,7 +146,7 @@ def _analyse_one(batch_id: str, index: int, slide: str) -> Any:
     row["index"] = index
     row["duration_s"] = round(time.monotonic() - started, 2)
     if row["status"] == "failed":
-        raise _SlideFailed(row)
+        raise SlideAnalysisFailed(row)
     return row
 
 
@@ -272,7 +272,7 @@ def _build_flow() -> Any:
                     continue
                 try:
                     rows.append(future.result())
-                except _SlideFailed as exc:
+                except SlideAnalysisFailed as exc:
                     rows.append(exc.row)
                 except _TransientSlideFailure as exc:
                     identity = jobs[i].identity

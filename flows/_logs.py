@@ -17,8 +17,19 @@ LOG_LEVEL_ENV = "WSIFLOW_LOG_LEVEL"
 _FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
-def configure_logging(level: int) -> None:
+class _RunLogsOnTheServer(logging.Filter):
+    """Without ``-v``, Prefect's flow- and task-run logs stay on the Prefect server (the UI
+    shows them): the terminal gets wsiflow's own line per slide instead of a second copy."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
+
+
+def configure_logging(level: int, *, run_logs: bool = False) -> None:
     """Set up this process's logging at ``level`` and pass it on to the processes it starts.
+
+    ``run_logs``: show Prefect's flow- and task-run warnings on the console too (``serve``,
+    whose console is the service's log); other commands print their own line per slide.
 
     Must run before Prefect or Dask is imported: they read their settings at import.
     """
@@ -28,6 +39,8 @@ def configure_logging(level: int) -> None:
     # handler whatever the root's level, so the handler itself must filter.
     for handler in logging.getLogger().handlers:
         handler.setLevel(level)
+        if level > logging.INFO and not run_logs:
+            handler.addFilter(_RunLogsOnTheServer())
     os.environ[LOG_LEVEL_ENV] = name
     # Prefect still sends INFO logs to its server (the UI shows them); only the console is quieter.
     for prefect_handler in ("CONSOLE", "CONSOLE_FLOW_RUNS", "CONSOLE_TASK_RUNS"):

@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wsiflow`` console script."""
     apply_offline_env()
     args = build_parser().parse_args(argv)
-    configure_logging(logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING)
+    configure_logging(logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
+                      run_logs=args.command == "serve")
     try:
         config = load_config(args.config)
         if _acts_audited(args):
