@@ -77,12 +77,40 @@ def check_dask_address(address: str, where: str = "dask address") -> str:
 
 @dataclass(frozen=True)
 class DaskConfig:
+    """The Dask scheduler chunks run on, and the TLS certificates of wsiflow's client.
+
+    Beyond loopback use ``tls://`` with certificates: over ``tcp://`` anyone who reaches
+    the scheduler can read the chunk descriptors (slide paths) and run code on the workers.
+    """
+
     address: str | None = None
-    """An existing Dask scheduler (``tcp://host:port``) that runs chunks; None: local."""
+    """An existing Dask scheduler (``tcp://host:port`` or ``tls://host:port``) that runs chunks; None: local."""
+    tls_ca_file: Path | None = None
+    """The certificate authority that signed the scheduler's and workers' certificates (PEM)."""
+    tls_client_cert: Path | None = None
+    """wsiflow's client certificate (PEM), signed by that authority: Dask's TLS is mutual."""
+    tls_client_key: Path | None = None
+    """The client certificate's private key (PEM); None: it is in ``tls_client_cert``."""
 
     def __post_init__(self) -> None:
         if self.address is not None:
             check_dask_address(self.address, "dask.address")  # refused when the config loads
+        given = [name for name in ("tls_ca_file", "tls_client_cert", "tls_client_key") if getattr(self, name)]
+        if not given:
+            return  # a tls:// address may take its certificates from Dask's own config
+        if self.address is None or not self.address.startswith("tls://"):
+            raise ConfigError(
+                f"dask.{given[0]} is set, but dask.address is not a tls:// scheduler address",
+                hint="set dask.address: tls://HOST:PORT (the scheduler started with --tls-ca-file, --tls-cert and "
+                     "--tls-key), or remove the dask.tls_* keys",
+            )
+        missing = [name for name in ("tls_ca_file", "tls_client_cert") if not getattr(self, name)]
+        if missing:
+            raise ConfigError(
+                f"dask.{missing[0]} is missing: Dask's TLS needs the certificate authority and a client certificate",
+                hint="set dask.tls_ca_file and dask.tls_client_cert (and dask.tls_client_key unless the key is in "
+                     "the certificate file)",
+            )
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,9 @@
-"""One slide's analysis in whichever process runs it (the parent or the child)."""
+"""One slide's analysis in whichever process runs it (the parent or the child).
+
+:func:`analyse_job` is where one slide's failure is contained: whatever it raises (out of
+memory, a bug, a library's own exception), the slide fails with a ``worker`` error that
+says what to do, and the run goes on with the next slide. Only Ctrl-C passes through.
+"""
 
 from __future__ import annotations
 
@@ -15,15 +20,18 @@ from pipeline import (
     RunSettings,
     SlideIdentity,
     SlideOutcome,
+    WorkerError,
     WsiflowError,
     analyse_slide,
     identify_slide,
     site_secret,
 )
 
+from ._dask import SlideInterrupted
 from ._model_ref import ModelRef, load_model_ref, loaded_models
 
-__all__ = ["SlideJob", "analyse_job", "identify_job", "identify_jobs", "TerminalProgress"]
+__all__ = ["SlideJob", "analyse_job", "contained_error", "failed_job", "identify_job", "identify_jobs",
+           "prepare_job", "TerminalProgress"]
 
 _log = logging.getLogger(__name__)
 
@@ -69,23 +77,77 @@ class SlideJob:
     show_progress: bool = False
 
 
-def analyse_job(job: SlideJob, settings: RunSettings, model: ModelRef, info: ModelInfo) -> SlideOutcome:
-    """Analyse one slide in this process (the model is loaded once per process)."""
+def _progress(job: SlideJob) -> TerminalProgress:
     name = " ".join(part for part in (job.label, job.identity.slide_id if job.identity else "") if part)
-    progress = TerminalProgress(name or "slide", job.show_progress)
+    return TerminalProgress(name or "slide", job.show_progress)
+
+
+def prepare_job(job: SlideJob, model: ModelRef) -> None:
+    """Load the model in this process (once), before the slide's time limit starts counting."""
     if not loaded_models():  # the first slide in this process loads it
         _log.info("loading model %s", model.ref)
-        progress.stage("loading model", model.ref)
-    classifier = load_model_ref(model)
-    executor = None
-    if settings.dask_address:
-        from ._dask import dask_executor
+        _progress(job).stage("loading model", model.ref)
+    load_model_ref(model)
 
-        executor = dask_executor(settings.dask_address, model)
-    return analyse_slide(
-        job.path, classifier, info, settings, secret=site_secret(), identity=job.identity,
-        executor=executor, progress=progress,
+
+def failed_job(job: SlideJob, info: ModelInfo, error: WsiflowError) -> SlideOutcome:
+    """The outcome of a slide that failed outside :func:`pipeline.analyse_slide`'s own checks."""
+    slide_id = job.identity.slide_id if job.identity else None
+    _log.info("slide %s failed: %s", slide_id, error.kind)
+    return SlideOutcome(slide_id, "failed", None, None, model=info.ref, error=error)
+
+
+_OUT_OF_MEMORY_TEXT = ("can't allocate memory", "out of memory", "cannot allocate memory")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, or torch's allocators' errors (a RuntimeError on the CPU, OutOfMemoryError on CUDA)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _OUT_OF_MEMORY_TEXT)
+
+
+def contained_error(exc: Exception) -> WorkerError:
+    """The ``worker`` error a slide fails with when its analysis raised ``exc`` (not a wsiflow
+    error). Only the exception's type is named: its text may hold a path."""
+    if _out_of_memory(exc):
+        return WorkerError(
+            f"the analysis of this slide ran out of memory ({type(exc).__name__}); the other slides are not affected",
+            hint="lower --batch-size and --readers, or run it on a machine with more memory; if the slide claims an "
+                 "absurd size, check it with `wsiflow inspect`. Finished chunks are kept for a rerun",
+            transient=False,
+        )
+    return WorkerError(
+        f"the analysis of this slide stopped on an unexpected {type(exc).__name__}; the other slides are not "
+        "affected",
+        hint="run it again with --debug to see the traceback and report it with the slide's ID; check the slide "
+             "with `wsiflow inspect`. Finished chunks are kept for a rerun",
+        transient=False,
     )
+
+
+def analyse_job(job: SlideJob, settings: RunSettings, model: ModelRef, info: ModelInfo) -> SlideOutcome:
+    """Analyse one slide in this process (the model is loaded once per process). Never
+    raises but for Ctrl-C (``KeyboardInterrupt``, :class:`SlideInterrupted`): any failure
+    is the slide's outcome (see the module's docstring)."""
+    try:
+        prepare_job(job, model)
+        executor = None
+        if settings.dask_address:
+            from ._dask import dask_executor
+
+            executor = dask_executor(settings.dask_address, model)
+        return analyse_slide(
+            job.path, load_model_ref(model), info, settings, secret=site_secret(), identity=job.identity,
+            executor=executor, progress=_progress(job),
+        )
+    except SlideInterrupted:
+        raise
+    except WsiflowError as exc:  # the model or the cluster, rather than the slide
+        return failed_job(job, info, exc)
+    except Exception as exc:  # the containment boundary: one slide's failure never ends the run
+        _log.debug("slide %s: the analysis raised", job.identity.slide_id if job.identity else None, exc_info=True)
+        return failed_job(job, info, contained_error(exc))
 
 
 def identify_job(path: str, secret: bytes, label: str = "", show_progress: bool = False) -> SlideJob:

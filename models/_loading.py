@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from pipeline import Preprocessing
 
 from ._errors import ManifestError
-from ._manifest import ModelManifest
+from ._manifest import ModelManifest, check_architecture
 from ._weights import read_verified_weights, state_dict_from_safetensors
 
 if TYPE_CHECKING:
@@ -35,9 +35,17 @@ class LoadedModel:
 
 
 def build_module(manifest: ModelManifest, num_classes: int | None = None) -> torch.nn.Module:
-    """The manifest's timm architecture with random weights (never downloads anything)."""
+    """The manifest's timm architecture with random weights (never downloads or reads
+    anything: only plain architecture names and allowed arguments reach timm)."""
     import timm
 
+    check_architecture(manifest.timm_name, manifest.timm_kwargs)  # a manifest changed after it was made
+    if not timm.is_model(manifest.timm_name):
+        raise ManifestError(
+            f"manifest field architecture.timm_name {manifest.timm_name!r} is not an architecture of the "
+            f"installed timm ({timm.__version__})",
+            hint="name one of timm.list_models(), or install the timm version the model was trained with",
+        )
     try:
         return timm.create_model(
             manifest.timm_name,
@@ -46,8 +54,10 @@ def build_module(manifest: ModelManifest, num_classes: int | None = None) -> tor
             **manifest.timm_kwargs,
         )
     except (RuntimeError, TypeError, ValueError) as exc:
+        # timm's text names arguments and shapes only: the name and arguments are plain values.
         raise ManifestError(
-            f"timm cannot build architecture {manifest.timm_name!r} with {manifest.timm_kwargs}: {exc}"
+            f"timm cannot build architecture {manifest.timm_name!r} with {manifest.timm_kwargs}: "
+            f"{type(exc).__name__}: {str(exc)[:300]}"
         ) from exc
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +29,8 @@ __all__ = [
     "read_manifest",
     "write_manifest",
     "MANIFEST_NAME",
+    "ALLOWED_TIMM_KWARGS",
+    "check_architecture",
 ]
 
 SCHEMA = "wsiflow.model/1"
@@ -35,6 +38,95 @@ MANIFEST_NAME = "manifest.json"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _COLOR_RE = re.compile(r"^#[0-9a-fA-F]{6}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_TIMM_NAME_RE = re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)?")
+"""A plain timm architecture, optionally with a pretrained tag (``resnet50.a1_in1k``)."""
+_TIMM_SOURCES = {
+    "hf-hub:": "a Hugging Face Hub reference (timm would download it)",
+    "hf_hub:": "a Hugging Face Hub reference (timm would download it)",
+    "local-dir:": "a local-dir reference (timm would build it from files in a folder)",
+}
+_GLOBAL_POOLS = frozenset({"", "avg", "max", "avgmax", "catavgmax", "token", "map"})
+
+
+def _rate(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1
+
+
+def _size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 8 <= value <= 8192
+
+
+ALLOWED_TIMM_KWARGS: dict[str, tuple[str, Any]] = {
+    "in_chans": ("3 (wsiflow feeds RGB tiles)", lambda v: v == 3 and not isinstance(v, bool)),
+    "drop_rate": ("a number from 0 to below 1", _rate),
+    "drop_path_rate": ("a number from 0 to below 1", _rate),
+    "attn_drop_rate": ("a number from 0 to below 1", _rate),
+    "proj_drop_rate": ("a number from 0 to below 1", _rate),
+    "pos_drop_rate": ("a number from 0 to below 1", _rate),
+    "global_pool": (f"one of {', '.join(repr(p) for p in sorted(_GLOBAL_POOLS))}",
+                    lambda v: isinstance(v, str) and v in _GLOBAL_POOLS),
+    "img_size": ("a whole number of pixels, 8 to 8192", _size),
+}
+"""The constructor arguments a manifest may give timm, each with what it may be: plain
+numbers and names only, so nothing in a manifest can make timm read a file or download."""
+_REFUSED_TIMM_KWARGS = {
+    "pretrained": "would make timm download weights",
+    "pretrained_cfg": "can point timm at weights to download or read",
+    "pretrained_cfg_overlay": "can point timm at weights to download or read (a file or a hub)",
+    "checkpoint_path": "would make timm load a file (torch.load) when the model is built",
+    "cache_dir": "names a download cache",
+    "num_classes": "comes from the manifest's classes",
+}
+
+
+def _looks_like_a_path(text: str) -> bool:
+    return any(ch in text for ch in ":/\\") or text.startswith((".", "~"))
+
+
+def check_architecture(timm_name: object, kwargs: object) -> None:
+    """:class:`ManifestError` naming the field unless ``timm_name`` is a plain timm
+    architecture name and ``kwargs`` only allowed constructor arguments with plain values.
+
+    A manifest comes from whoever put a model into the registry: a hub reference
+    (``hf-hub:``), a ``local-dir:`` or a ``checkpoint_path`` would make timm go online or
+    unpickle a file when the model is built, before any sha256 is checked.
+    """
+    if not isinstance(timm_name, str):
+        raise ManifestError(f"manifest field architecture.timm_name = {timm_name!r} has the wrong type")
+    for prefix, what in _TIMM_SOURCES.items():
+        if timm_name.lower().startswith(prefix):
+            raise ManifestError(
+                f"manifest field architecture.timm_name is {what}; only plain timm architecture names are allowed",
+                hint="name the architecture (e.g. 'resnet50') and ship the weights as the manifest's safetensors file",
+            )
+    if not _TIMM_NAME_RE.fullmatch(timm_name):
+        shown = "a path or reference" if _looks_like_a_path(timm_name) else repr(timm_name[:80])
+        raise ManifestError(
+            f"manifest field architecture.timm_name ({shown}) is not a plain timm architecture name "
+            "(lower-case letters, digits and '_', optionally '.tag')",
+            hint="name a timm architecture, e.g. 'resnet50' or 'mobilenetv3_small_100'",
+        )
+    if not isinstance(kwargs, Mapping):
+        raise ManifestError("manifest field architecture.kwargs must be an object")
+    for key, value in kwargs.items():
+        where = f"architecture.kwargs.{key}" if isinstance(key, str) and _TIMM_NAME_RE.fullmatch(key) else (
+            "architecture.kwargs")
+        if key in _REFUSED_TIMM_KWARGS:
+            raise ManifestError(
+                f"manifest field {where} is refused: it {_REFUSED_TIMM_KWARGS[key]}",
+                hint="remove it; wsiflow builds the architecture without pretrained weights and loads only the "
+                     "manifest's verified safetensors",
+            )
+        if key not in ALLOWED_TIMM_KWARGS:
+            shown = "a key" if not isinstance(key, str) or _looks_like_a_path(key) else repr(key[:80])
+            raise ManifestError(
+                f"manifest field {where}: {shown} is not an allowed timm constructor argument",
+                hint=f"allowed: {', '.join(sorted(ALLOWED_TIMM_KWARGS))}",
+            )
+        what, accepts = ALLOWED_TIMM_KWARGS[key]
+        if not accepts(value):
+            shown = "a path" if isinstance(value, str) and _looks_like_a_path(value) else repr(value)[:80]
+            raise ManifestError(f"manifest field {where} = {shown} must be {what}")
 
 
 @dataclass(frozen=True)
@@ -84,6 +176,10 @@ class ModelManifest:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     lineage: Lineage = field(default_factory=Lineage)
     validation: Validation | None = None
+
+    def __post_init__(self) -> None:
+        # However a manifest is made (read, imported, trained), timm never sees another form.
+        check_architecture(self.timm_name, self.timm_kwargs)
 
     @property
     def ref(self) -> str:
@@ -156,8 +252,7 @@ def parse_manifest(data: object) -> ModelManifest:
     arch = _get(data, "architecture", dict)
     timm_name = _get(arch, "timm_name", str, "architecture.")
     timm_kwargs = arch.get("kwargs") or {}
-    if not isinstance(timm_kwargs, dict):
-        raise ManifestError("manifest field architecture.kwargs must be an object")
+    check_architecture(timm_name, timm_kwargs)
     classes_raw = _get(data, "classes", list)
     classes = []
     for i, entry in enumerate(classes_raw):

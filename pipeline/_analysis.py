@@ -27,7 +27,7 @@ from ._chunk_run import ChunkExecutor, ChunkJob, chunk_marker, run_chunks, run_s
 from ._chunks import ChunkTask, choose_chunk_cells, plan_chunks
 from ._classifier import PatchClassifier
 from ._engine import resolve_device
-from ._errors import OutputError, WsiflowError
+from ._errors import OutputError, WorkerError, WsiflowError
 from ._grid import GridSpec, TileGrid, make_tile_grid
 from ._identity import SlideIdentity, identify_slide
 from ._omezarr import (
@@ -68,6 +68,27 @@ class _Attempt:
         _log.info("slide %s failed: %s", self.slide_id, error.kind)
         mpp = self.slide.mpp if self.slide is not None else None
         return SlideOutcome(self.slide_id, "failed", None, None, error=error, mpp=mpp, model=self.model)
+
+
+class _Deadline:
+    """``engine.slide_time_limit_s``, checked between steps and after each batch of tiles.
+
+    In this process a long native call (one huge read, one batch) cannot be interrupted; an
+    isolated run's parent also kills the child that goes on past the limit (``flows``).
+    """
+
+    def __init__(self, limit_s: float | None, started: float) -> None:
+        self._limit_s = limit_s
+        self._started = started
+
+    def check(self) -> None:
+        if self._limit_s is not None and time.perf_counter() - self._started > self._limit_s:
+            raise WorkerError(
+                f"the slide's analysis ran past the time limit of {self._limit_s:g} s and was stopped",
+                hint="raise --slide-time-limit (engine.slide_time_limit_s) if the slide is just large, or check "
+                     "it with `wsiflow inspect`; finished chunks are kept, so a rerun resumes",
+                transient=False,
+            )
 
 
 class _Clock:
@@ -213,13 +234,15 @@ def _stage(progress: Progress | None, sid: str | None, name: str, detail: str = 
         progress.stage(name, detail)
 
 
-def _logged_progress(sid: str, total: int, done: int,
-                     shown: Callable[[int], None] | None) -> Callable[[int], None]:
-    """The tile callback: passes batches on to ``shown`` and logs every tenth of the slide
-    at INFO (what ``-v`` and a Prefect worker's log show instead of a bar)."""
+def _logged_progress(sid: str, total: int, done: int, shown: Callable[[int], None] | None,
+                     deadline: _Deadline) -> Callable[[int], None]:
+    """The tile callback: passes batches on to ``shown``, logs every tenth of the slide
+    at INFO (what ``-v`` and a Prefect worker's log show instead of a bar) and stops the
+    slide past its time limit (finished chunks are marked before it is called)."""
     state = {"done": done, "logged": done * 10 // max(total, 1)}
 
     def advance(tiles: int) -> None:
+        deadline.check()
         state["done"] += tiles
         tenth = state["done"] * 10 // max(total, 1)
         if tenth > state["logged"]:
@@ -232,7 +255,7 @@ def _logged_progress(sid: str, total: int, done: int,
 
 
 def _compute(ctx: _Context, layout: _Layout, resumed: bool, executor: ChunkExecutor | None,
-             progress: Progress | None) -> None:
+             progress: Progress | None, deadline: _Deadline) -> None:
     """Run the pending chunks (here or on ``executor``) into the heatmap's level 0."""
     folder, slide, settings = ctx.plan.folder, ctx.slide, ctx.settings
     if not (resumed and (folder.heatmap / "0").exists()):
@@ -244,7 +267,7 @@ def _compute(ctx: _Context, layout: _Layout, resumed: bool, executor: ChunkExecu
            f"{_count(grid_total, 'tile')} in {_count(len(layout.tasks), 'chunk')}"
            + (f", {len(layout.tasks) - len(layout.pending)} already done" if resumed else ""))
     on_batch = _logged_progress(ctx.identity.slide_id, grid_total, done,
-                                progress.tiles(grid_total, done) if progress else None)
+                                progress.tiles(grid_total, done) if progress else None, deadline)
 
     def run_here(tasks: Sequence[ChunkTask]) -> None:
         run_chunks(tasks, slide, ctx.classifier, ctx.plan.spec, folder.heatmap, folder.chunk_markers,
@@ -330,11 +353,14 @@ def analyse_slide(
                 resumed = _prepare_work(plan.folder, plan.key, settings.force)
                 ctx = _Context(slide_path, slide, ident, classifier, model, settings, plan)
                 clock = _Clock(attempt.started)
+                deadline = _Deadline(settings.engine.slide_time_limit_s, attempt.started)
                 _stage(progress, sid, "finding tissue")
                 layout = _layout(slide, plan.spec, settings, plan.folder)
                 clock.lap("tissue_s")
-                _compute(ctx, layout, resumed, executor, progress)
+                deadline.check()
+                _compute(ctx, layout, resumed, executor, progress, deadline)
                 clock.lap("inference_s")
+                deadline.check()
                 _stage(progress, sid, "writing results")
                 results, regions = _write_outputs(ctx, layout)
                 clock.lap("finalize_s")

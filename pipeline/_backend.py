@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import struct
 from pathlib import Path
 from typing import Literal, Protocol, SupportsFloat, SupportsIndex, SupportsInt, get_args, runtime_checkable
@@ -27,6 +26,7 @@ from ._errors import (
     UnsupportedSlideError,
     WsiflowError,
 )
+from ._scrub import scrub_text
 
 __all__ = ["BackendName", "SlideBackend", "open_backend", "BACKEND_NAMES", "SLIDE_SUFFIXES", "is_dicom_folder"]
 
@@ -81,28 +81,8 @@ class SlideBackend(Protocol):
         ...
 
 
-_PATH_LIKE = re.compile(r"(?:[A-Za-z]:)?[/\\][^\s'\"()<>,;]*[/\\][^\s'\"()<>,;]*")
-"""An absolute or nested path inside a library's message (``/a/b``, ``dir/x.dcm``, ``C:\\x``)."""
-_DICOM_UID = re.compile(r"\b\d+(?:\.\d+){4,}\b")
-"""A DICOM UID (SOP instance, series...): keyed to a patient's study in the hospital's PACS."""
-
-
-def _scrub(message: str, path: Path) -> str:
-    """Remove what can name a patient from a library's message: the slide's path and file
-    name, the other file names of its folder (a DICOM-WSI is a folder of instances whose
-    names are the scanner's or the PACS export's), any other path, and DICOM UIDs."""
-    folder = path if path.is_dir() else path.parent
-    names = {str(path), str(path.resolve()), path.name, str(folder), str(folder.resolve())}
-    try:
-        if path.is_dir() or path.suffix.lower() == ".dcm":
-            names.update(entry.name for entry in os.scandir(folder))
-    except OSError:
-        pass  # an unreadable folder: the path patterns below still apply
-    for text in sorted((n for n in names if len(n) > 2), key=len, reverse=True):
-        message = message.replace(text, "<slide>")
-    message = _PATH_LIKE.sub("<path>", message)
-    message = _DICOM_UID.sub("<uid>", message)
-    return " ".join(message.split())
+_scrub = scrub_text
+"""The scrubber under the name ``tests/test_scrub.py`` imports."""
 
 
 def _int_or_none(value: object) -> int | None:
@@ -200,7 +180,7 @@ class _OpenSlideBackend:
         except self._error_type as exc:
             self._reopen()
             raise CorruptSlideError(
-                f"tile data of level {level} cannot be decoded ({_scrub(str(exc), self._path)})"
+                f"tile data of level {level} cannot be decoded ({scrub_text(str(exc), self._path)})"
             ) from exc
         return _composite_on_white(np.asarray(image))
 
@@ -213,7 +193,7 @@ class _OpenSlideBackend:
             self._slide = openslide.OpenSlide(str(self._path))
         except self._error_type as exc:
             raise CorruptSlideError(
-                f"the slide cannot be reopened after a decode error ({_scrub(str(exc), self._path)})"
+                f"the slide cannot be reopened after a decode error ({scrub_text(str(exc), self._path)})"
             ) from exc
 
     def close(self) -> None:
@@ -272,8 +252,9 @@ class _TiffSlideBackend:
                 (round(x0 * ds), round(y0 * ds)), level, (x1 - x0, y1 - y0), as_array=True
             )
         except _TIFF_ERRORS as exc:
+            reason = scrub_text(str(exc), self._path)
             raise CorruptSlideError(
-                f"tile data of level {level} cannot be decoded ({type(exc).__name__}: {_scrub(str(exc), self._path)})"
+                f"tile data of level {level} cannot be decoded ({type(exc).__name__}: {reason})"
             ) from exc
         part = np.asarray(part)
         if part.ndim == 2:
@@ -433,7 +414,7 @@ def _open_openslide(path: Path) -> _OpenSlideBackend:
         except PermissionError as exc:
             raise SlidePermissionError("the slide cannot be read: permission denied") from exc
     raise UnsupportedSlideError(
-        f"OpenSlide cannot open it ({_scrub(str(last), path)})"
+        f"OpenSlide cannot open it ({scrub_text(str(last), path)})"
     ) from last
 
 
@@ -449,7 +430,7 @@ def _open_tiffslide(path: Path) -> _TiffSlideBackend:
     except _TIFF_ERRORS as exc:
         # tifffile/tiffslide signal "not a TIFF I know" with a mix of builtins.
         raise UnsupportedSlideError(
-            f"tiffslide cannot open it ({type(exc).__name__}: {_scrub(str(exc), path)})"
+            f"tiffslide cannot open it ({type(exc).__name__}: {scrub_text(str(exc), path)})"
         ) from exc
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ._backend import SLIDE_SUFFIXES, is_dicom_folder
 from ._errors import ConfigError
+from ._scrub import os_error_reason
 
 __all__ = ["expand_slide_arguments"]
 
@@ -89,20 +90,42 @@ def _expand_path(path: Path, where: str, keep_broken_links: bool) -> list[Path]:
     return [path]
 
 
+_UNREACHABLE_HINT = ("give the user running wsiflow read access to the slides and their folders (and search "
+                     "access, x, to every folder on the way), or leave the argument out")
+
+
+def _which(position: int, count: int) -> str:
+    return "the slide argument" if count == 1 else f"slide argument {position} of {count}"
+
+
+def _unreachable(error: OSError) -> str:
+    """Why an argument could not be looked at, in words (never its path)."""
+    if isinstance(error, PermissionError):
+        return "cannot be reached: permission denied (on it or on a folder of its path)"
+    return f"cannot be looked at ({os_error_reason(error)})"
+
+
 def _refuse_missing(arguments: Sequence[str]) -> None:
     """ConfigError naming (by position, never by path) each plain argument that leads nowhere."""
     problems = []
     for position, argument in enumerate(arguments, start=1):
         if _is_glob(argument) or os.path.exists(argument):
             continue
-        which = "the slide argument" if len(arguments) == 1 else f"slide argument {position} of {len(arguments)}"
-        dangling = _dangling(Path(argument))
+        which = _which(position, len(arguments))
+        try:
+            os.lstat(argument)  # os.path.exists says False for a path it may not look at, too
+            dangling = _dangling(Path(argument))
+        except (FileNotFoundError, NotADirectoryError):
+            dangling = None
+        except OSError as exc:
+            problems.append(f"{which} {_unreachable(exc)}")
+            continue
         problems.append(f"{which} is {dangling}" if dangling else f"{which} does not exist")
     if problems:
-        raise ConfigError(
-            "; ".join(problems) + "; nothing was run",
-            hint="check the path: a slide file, a DICOM-WSI folder, a folder of slides or a quoted glob",
-        )
+        hint = "check the path: a slide file, a DICOM-WSI folder, a folder of slides or a quoted glob"
+        if any("cannot be" in p for p in problems):
+            hint = _UNREACHABLE_HINT
+        raise ConfigError("; ".join(problems) + "; nothing was run", hint=hint)
 
 
 def expand_slide_arguments(
@@ -120,6 +143,10 @@ def expand_slide_arguments(
     starts) it raises :class:`ConfigError` naming the argument's position. A broken link
     or a link loop in a folder is skipped with a warning naming its position, or with
     ``keep_broken_links`` kept in its place so the command reports it as a failed slide.
+    An argument the OS refuses to look at (a file in a folder this user may not search, a
+    folder of slides whose entries it may not look at) raises :class:`ConfigError` naming
+    its position and the reason, never the path; an unreadable folder or slide is kept, so
+    the command reports it as a failed slide (permission denied).
     """
     if isinstance(arguments, (str, bytes)):
         raise TypeError("expand_slide_arguments takes a sequence of arguments, not one string")
@@ -127,16 +154,24 @@ def expand_slide_arguments(
     if refuse_missing:
         _refuse_missing(arguments)
     found: list[Path] = []
+    problems: list[str] = []
     for position, argument in enumerate(arguments, start=1):
         where = f"slide argument {position}"
-        if _is_glob(argument):
-            matches = sorted(glob.glob(argument))
-            if not matches:
-                _log.info("a glob pattern matched nothing")
-            for match in matches:
-                found.extend(_expand_path(Path(match), where, keep_broken_links))
-        else:
-            found.extend(_expand_path(Path(argument), where, keep_broken_links))
+        try:
+            if _is_glob(argument):
+                matches = sorted(glob.glob(argument))
+                if not matches:
+                    _log.info("a glob pattern matched nothing")
+                for match in matches:
+                    found.extend(_expand_path(Path(match), where, keep_broken_links))
+            else:
+                found.extend(_expand_path(Path(argument), where, keep_broken_links))
+        except OSError as exc:
+            # A folder on its path (or of a folder argument) this user may not search: the
+            # OS error's text names the file, so it becomes a one-line error by position.
+            problems.append(f"{_which(position, len(arguments))} {_unreachable(exc)}")
+    if problems:
+        raise ConfigError("; ".join(problems) + "; nothing was run", hint=_UNREACHABLE_HINT)
     unique: list[Path] = []
     seen: set[str] = set()
     for path in found:

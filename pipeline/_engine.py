@@ -9,6 +9,8 @@ batches ahead of the model, so memory stays bounded whatever the slide size.
 from __future__ import annotations
 
 import itertools
+import logging
+import math
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -21,9 +23,21 @@ import numpy as np
 from ._classifier import PatchClassifier
 from ._errors import ConfigError
 
-__all__ = ["EngineSettings", "resolve_device", "classify_stream", "classify_tiles", "default_readers"]
+__all__ = ["EngineSettings", "resolve_device", "classify_stream", "classify_tiles", "default_readers",
+           "batch_size_for", "MAX_BATCH_INPUT_BYTES", "MAX_TILE_INPUT_BYTES", "DEFAULT_SLIDE_TIME_LIMIT_S"]
 
 Device = Literal["auto", "cpu", "cuda"]
+
+_log = logging.getLogger(__name__)
+
+MAX_BATCH_INPUT_BYTES = 256 << 20
+"""Most bytes of a batch's input tensor (float32, N x 3 x tile x tile): 445 tiles of 224 px,
+21 of 1024 px, 1 of 4096 px. A smaller ``batch_size`` is used for larger tiles: a CNN's first
+activations are several times its input, so this keeps a batch within a few GiB."""
+MAX_TILE_INPUT_BYTES = 1 << 30
+"""Most bytes of one tile's input tensor (a 9,459 px tile); a model with larger tiles is refused."""
+DEFAULT_SLIDE_TIME_LIMIT_S = 6 * 3600.0
+"""One slide's analysis may take this long by default (``engine.slide_time_limit_s``)."""
 
 
 def default_readers() -> int:
@@ -44,8 +58,18 @@ class EngineSettings:
     """torch threads on CPU. Fixed by the client and shipped with each chunk, so workers
     (where Dask sets OMP_NUM_THREADS=1) compute with the same thread count, hence the
     same floating-point results, as a local run."""
+    slide_time_limit_s: float | None = DEFAULT_SLIDE_TIME_LIMIT_S
+    """Wall time one slide's analysis may take (after the model is loaded); past it the slide
+    fails with a ``worker`` error and its finished chunks are kept. None: no limit."""
 
     def __post_init__(self) -> None:
+        if self.slide_time_limit_s is not None and not (
+            math.isfinite(self.slide_time_limit_s) and self.slide_time_limit_s > 0
+        ):
+            raise ConfigError(
+                f"slide_time_limit_s = {self.slide_time_limit_s!r} must be a positive number of seconds",
+                hint="use null (or --slide-time-limit 0) for no limit",
+            )
         if self.batch_size < 1 or self.readers < 1 or self.prefetch_batches < 1 or self.cpu_threads < 1:
             raise ConfigError(
                 f"batch_size ({self.batch_size}), readers ({self.readers}) and prefetch_batches "
@@ -103,6 +127,32 @@ class _Model:
             return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
 
+_REDUCED: set[tuple[int, int]] = set()
+
+
+def batch_size_for(tile_size_px: int, batch_size: int) -> int:
+    """``batch_size``, reduced so that a batch's input tensor stays within
+    :data:`MAX_BATCH_INPUT_BYTES`; :class:`ConfigError` when one tile exceeds
+    :data:`MAX_TILE_INPUT_BYTES`. Depends only on its arguments, so a resumed run batches
+    (and computes) exactly as the first one did."""
+    per_tile = 3 * 4 * tile_size_px * tile_size_px
+    if per_tile > MAX_TILE_INPUT_BYTES:
+        largest = math.isqrt(MAX_TILE_INPUT_BYTES // 12)
+        raise ConfigError(
+            f"the model takes {tile_size_px:,} px tiles: one tile is {per_tile / 2**30:.1f} GiB as float32, "
+            f"more than the {MAX_TILE_INPUT_BYTES / 2**30:g} GiB a tile may take",
+            hint=f"use a model whose tiles are at most {largest:,} px",
+        )
+    fits = max(1, MAX_BATCH_INPUT_BYTES // per_tile)
+    if fits >= batch_size:
+        return batch_size
+    if (tile_size_px, batch_size) not in _REDUCED:  # once per process, not per chunk
+        _REDUCED.add((tile_size_px, batch_size))
+        _log.info("batch size %d reduced to %d for %d px tiles (a batch's input stays within %d MiB)",
+                  batch_size, fits, tile_size_px, MAX_BATCH_INPUT_BYTES >> 20)
+    return fits
+
+
 def classify_stream(
     classifier: PatchClassifier,
     read_tile: Callable[[int], np.ndarray],
@@ -120,16 +170,17 @@ def classify_stream(
     tiles it held. No batch spans a position in ``segment_ends``: a segment's batches (and
     so its probabilities, bit for bit) do not depend on what is classified around it.
     """
-    model = _Model(classifier, resolve_device(settings.device), settings.cpu_threads)
     tile = classifier.preprocessing.tile_size_px
+    batch_size = batch_size_for(tile, settings.batch_size)  # before anything is allocated
+    model = _Model(classifier, resolve_device(settings.device), settings.cpu_threads)
     out = np.empty((len(indices), len(classifier.class_names)), dtype=np.float32)
     if not len(indices):
         return out
     bounds = [0, *sorted({e for e in segment_ends if 0 < e < len(indices)}), len(indices)]
     batches = [
-        list(indices[i : min(i + settings.batch_size, stop)])
+        list(indices[i : min(i + batch_size, stop)])
         for start, stop in itertools.pairwise(bounds)
-        for i in range(start, stop, settings.batch_size)
+        for i in range(start, stop, batch_size)
     ]
 
     def read_batch(batch: list[int], pool: ThreadPoolExecutor) -> list[Future[np.ndarray]]:

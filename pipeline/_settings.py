@@ -136,6 +136,12 @@ class RunSettings:
     """Analyse each slide in a child process (a native crash then fails one slide)."""
     dask_address: str | None = None
     """An existing Dask scheduler (``tcp://host:port``) that runs chunks; None: local."""
+    dask_tls_ca_file: Path | None = None
+    """With a ``tls://`` scheduler: the certificate authority (PEM); None: Dask's own config."""
+    dask_tls_client_cert: Path | None = None
+    """With a ``tls://`` scheduler: this client's certificate (PEM)."""
+    dask_tls_client_key: Path | None = None
+    """With a ``tls://`` scheduler: the client certificate's key (PEM); None: in the certificate file."""
     force: bool = False
     """Recompute even when a complete result with the same run key exists."""
 

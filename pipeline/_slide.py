@@ -20,13 +20,27 @@ from ._backend import BackendName, SlideBackend, open_backend
 from ._errors import CorruptSlideError, UnsupportedSlideError
 from ._mpp import MppPolicy, MppResolution, resolve_mpp
 
-__all__ = ["SlideInfo", "Slide", "open_slide", "slide_info", "backend_mpp"]
+__all__ = ["SlideInfo", "Slide", "open_slide", "slide_info", "backend_mpp", "MAX_RENDER_PIXELS",
+           "MAX_RENDER_SOURCE_PIXELS", "MAX_EXTENT_MM"]
 
 _MPP_REL_TOL = 1e-3  # a level within 0.1 % of the target counts as "at" the target
 _THUMBNAIL_BLOCK_PX = 2048
 MAX_READ_PIXELS = 1 << 27
 """Most pixels one backend read may return (512 MiB as RGBA): a read larger than this means
 the slide has no pyramid level near the requested resolution, or a damaged header."""
+MAX_RENDER_PIXELS = 1 << 26
+"""Most pixels of a whole-slide rendering (the tissue mask's, 64 Mi px: 192 MiB as RGB, about
+2.3 GiB at the peak of tissue detection). A 75 x 50 mm slide at the default 8 µm/px is 59 Mpx."""
+MAX_RENDER_SOURCE_PIXELS = 1 << 31
+"""Most source pixels a whole-slide rendering may read (2.1 Gpx: a 46,000 px square level, a few
+minutes of reading): more means the slide has no pyramid level near the rendering's µm/px
+(or a damaged header claims a huge one), and reading it would take hours."""
+_RENDER_READ_PIXELS = 1 << 25
+"""Most pixels one read of a rendering may return (about 0.8 GiB at the peak of decoding and
+resizing it); reads of a level far finer than the rendering are cut into smaller blocks."""
+MAX_EXTENT_MM = 300.0
+"""Largest side a slide may claim at its µm/px: no glass slide (whole-mount ones included) is
+longer; more comes from a damaged header or a wrong µm/px."""
 _LEVEL_CHECK_PX = 64  # side of the patch compared between a pyramid level and level 0
 _LEVEL_CHECK_MAX_L0_PX = 4096
 _LEVEL_CHECK_MAX_DIFF = 24.0  # mean abs RGB difference; JPEG pyramids differ by < 8
@@ -213,25 +227,83 @@ class Slide:
         cols = max(1, round(self.info.width * self.mpp.mpp_x / mpp))
         return rows, cols
 
-    def read_thumbnail(self, mpp: float) -> np.ndarray:
-        """The whole slide at ``mpp`` µm/px (square pixels), read block by block."""
+    def _source_per_out(self, mpp: float) -> tuple[int, float, float]:
+        """The level a rendering at ``mpp`` reads, and its pixels per output pixel (x, y)."""
+        level = self.best_level_for_mpp(mpp)
+        level_mpp_x, level_mpp_y = self.level_mpp(level)
+        return level, max(1.0, mpp / level_mpp_x), max(1.0, mpp / level_mpp_y)
+
+    def check_rendering(self, mpp: float) -> tuple[int, int]:
+        """(rows, cols) of the whole slide at ``mpp``, refused before anything is allocated
+        when the slide claims an implausible size or the rendering would exceed
+        :data:`MAX_RENDER_PIXELS` pixels or :data:`MAX_RENDER_SOURCE_PIXELS` pixels read."""
+        width_mm = self.info.width * self.mpp.mpp_x / 1000
+        height_mm = self.info.height * self.mpp.mpp_y / 1000
+        if max(width_mm, height_mm) > MAX_EXTENT_MM:
+            raise CorruptSlideError(
+                f"the slide claims {width_mm:,.0f} x {height_mm:,.0f} mm ({self.info.width:,} x "
+                f"{self.info.height:,} px at {self.mpp.mpp_x:g} µm/px from {_SOURCE_WORDS[self.mpp.source]}), "
+                f"larger than any glass slide (at most {MAX_EXTENT_MM:g} mm a side)",
+                hint="its header is damaged or its µm/px is wrong: check it with `wsiflow inspect`, fix any "
+                     "--mpp or mpp_overrides entry, or copy the file again from the scanner",
+            )
         rows, cols = self.thumbnail_shape(mpp)
+        if rows * cols > MAX_RENDER_PIXELS:
+            fits = mpp * math.sqrt(rows * cols / MAX_RENDER_PIXELS)
+            raise UnsupportedSlideError(
+                f"the whole slide at {mpp:g} µm/px would be {cols:,} x {rows:,} px, more than the "
+                f"{MAX_RENDER_PIXELS / 2**20:g} Mi px a rendering may have (the slide claims "
+                f"{width_mm:,.0f} x {height_mm:,.0f} mm)",
+                hint=f"if the slide really is this large, set tissue.mask_mpp to {math.ceil(fits):d} or more in the "
+                     "config; otherwise its header is damaged: check it with `wsiflow inspect`",
+            )
+        level, per_x, per_y = self._source_per_out(mpp)
+        source = rows * cols * per_x * per_y
+        if source > MAX_RENDER_SOURCE_PIXELS:
+            raise UnsupportedSlideError(_too_much_reading(level, mpp), hint=_PYRAMID_HINT)
+        return rows, cols
+
+    def read_thumbnail(self, mpp: float) -> np.ndarray:
+        """The whole slide at ``mpp`` µm/px (square pixels), read block by block; bounded in
+        memory and reading by :meth:`check_rendering`."""
+        rows, cols = self.check_rendering(mpp)
         out = np.empty((rows, cols, 3), dtype=np.uint8)
         step_x = mpp / self.mpp.mpp_x  # level-0 pixels per output pixel
         step_y = mpp / self.mpp.mpp_y
         # Without a pyramid level near ``mpp`` each output pixel costs many source pixels:
-        # shrink the blocks so one read stays within MAX_READ_PIXELS (memory stays bounded).
-        level_mpp = min(self.level_mpp(self.best_level_for_mpp(mpp)))
-        source_per_out = max(1.0, mpp / level_mpp)
-        block = int(min(_THUMBNAIL_BLOCK_PX, max(64, math.isqrt(MAX_READ_PIXELS) / source_per_out - 16)))
+        # shrink the blocks so one read stays within _RENDER_READ_PIXELS (memory stays bounded).
+        _, per_x, per_y = self._source_per_out(mpp)
+        source_per_out = max(per_x, per_y)
+        block = int(min(_THUMBNAIL_BLOCK_PX, max(64, math.isqrt(_RENDER_READ_PIXELS) / source_per_out - 16)))
+        read = 0.0
         for r0 in range(0, rows, block):
             h = min(block, rows - r0)
             for c0 in range(0, cols, block):
                 w = min(block, cols - c0)
+                # A reduced level found broken mid-way sends reads to finer levels: count them too.
+                level, per_x, per_y = self._source_per_out(mpp)
+                read += w * h * per_x * per_y
+                if read > MAX_RENDER_SOURCE_PIXELS:
+                    raise UnsupportedSlideError(_too_much_reading(level, mpp), hint=_PYRAMID_HINT)
                 out[r0 : r0 + h, c0 : c0 + w] = self.read_region_at_mpp(
                     c0 * step_x, r0 * step_y, w, h, mpp
                 )
         return out
+
+
+_SOURCE_WORDS = {"metadata": "its metadata", "cli": "--mpp", "config": "mpp_overrides"}
+
+_PYRAMID_HINT = (
+    "convert the slide to a pyramidal format (e.g. with vips tiffsave --pyramid --tile); if its header "
+    "is damaged, copy the file again from the scanner"
+)
+
+
+def _too_much_reading(level: int, mpp: float) -> str:
+    return (
+        f"rendering the whole slide at {mpp:g} µm/px would read more than {MAX_RENDER_SOURCE_PIXELS / 1e9:.1f} "
+        f"gigapixels from pyramid level {level}: the slide has no level near {mpp:g} µm/px"
+    )
 
 
 def backend_mpp(

@@ -10,7 +10,7 @@ from models import ClassInfo, ModelManifest, Registry, build_module
 from models._manifest import now_iso
 from models._weights import sha256_bytes, state_dict_to_safetensors
 
-__all__ = ["tiny_manifest", "add_tiny_model"]
+__all__ = ["tiny_manifest", "add_tiny_model", "add_tiny_model_with_tiles"]
 
 
 def tiny_manifest(name: str = "tiny", version: int = 1, classes: tuple[str, ...] = ("background", "tissue")) -> ModelManifest:
@@ -44,3 +44,16 @@ def add_tiny_model(registry: Registry, name: str = "tiny", version: int = 1, see
 
 def registry_at(path: Path) -> Registry:
     return Registry(site_root=path)
+
+
+def add_tiny_model_with_tiles(registry: Registry, name: str, tile_size_px: int, target_mpp: float,
+                              seed: int = 0) -> ModelManifest:
+    """The tiny model, taking ``tile_size_px`` px tiles at ``target_mpp`` µm/px (e.g. 4096 px tiles)."""
+    from dataclasses import replace
+
+    manifest = replace(tiny_manifest(name), tile_size_px=tile_size_px, target_mpp=target_mpp)
+    torch.manual_seed(seed)
+    weights = state_dict_to_safetensors(build_module(manifest).state_dict())
+    manifest = replace(manifest, weights_sha256=sha256_bytes(weights))
+    registry.add(manifest, weights)
+    return manifest

@@ -201,3 +201,82 @@ def test_commands_refuse_a_missing_argument_by_position_before_anything_runs(tmp
     assert "slide argument 2 of 4 does not exist; slide argument 4 of 4 is a broken link" in message
     assert "patient" not in message and str(tmp_path) not in message  # a glob that matches nothing is no error
     assert expand_slide_arguments(arguments) == [slide, tmp_path / "patient-jones.svs", broken]  # the default
+
+
+def _permissions_apply(tmp_path: Path) -> list[str]:
+    """A command prefix under which file permissions hold: none for a normal user; for root,
+    root without its permission-bypass capabilities (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH).
+    User nobody would do too, but cannot start this Python when it lives under /root."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv (util-linux): permission errors cannot be produced")
+    prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+    locked = _file(tmp_path / "probe" / "locked")
+    locked.chmod(0)
+    import subprocess
+
+    probe = subprocess.run([*prefix, "cat", str(locked)], capture_output=True, timeout=30)
+    if probe.returncode == 0:
+        pytest.skip("dropping root's capabilities does not make permissions apply here")
+    return prefix
+
+
+def test_arguments_the_os_refuses_are_one_line_errors_by_position(tmp_path):
+    """Issue 14, item 6: a file in a folder this user may not search, a glob into it and
+    such a folder as an argument were tracebacks naming the path; now one ConfigError names
+    each argument's position and the reason. An unreadable folder stays a slide (the
+    command reports it as permission denied)."""
+    import json
+    import subprocess
+    import sys
+
+    prefix = _permissions_apply(tmp_path)
+    secret = "ZQXPATIENTSECRET"
+    unsearchable = tmp_path / f"{secret}-unsearchable"
+    inside = _file(unsearchable / f"{secret}.svs")
+    unreadable = tmp_path / f"{secret}-unreadable"
+    _file(unreadable / f"{secret}-2.svs")
+    readable = _file(tmp_path / "ok" / "a.svs")
+    unsearchable.chmod(0o644)  # may be listed, not entered
+    unreadable.chmod(0)
+    cases = {
+        "file": [str(readable), str(inside)],
+        "glob": [str(unsearchable / "*.svs")],
+        "folder": [str(unsearchable), str(readable)],
+        "missing-inside": [str(unsearchable / "other.svs")],
+        "unreadable": [str(unreadable)],
+    }
+    script = (
+        "import json, sys\n"
+        "from pipeline import ConfigError, expand_slide_arguments\n"
+        "out = {}\n"
+        "for name, (arguments, refuse) in json.loads(sys.argv[1]).items():\n"
+        "    try:\n"
+        "        out[name] = [str(p) for p in expand_slide_arguments(arguments, refuse_missing=refuse)]\n"
+        "    except ConfigError as exc:\n"
+        "        out[name] = exc.one_line()\n"
+        "print(json.dumps(out))\n"
+    )
+    runs = {f"{name}/{refuse}": (arguments, refuse) for name, arguments in cases.items() for refuse in (False, True)}
+    try:
+        done = subprocess.run([*prefix, sys.executable, "-c", script, json.dumps(runs)], capture_output=True,
+                              text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    finally:
+        unsearchable.chmod(0o755)
+        unreadable.chmod(0o755)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert secret not in done.stderr
+    out = json.loads(done.stdout)
+    reached = "cannot be reached: permission denied (on it or on a folder of its path); nothing was run"
+    for refuse in (False, True):
+        assert out[f"file/{refuse}"].startswith(f"config: slide argument 2 of 2 {reached}")
+        assert out[f"glob/{refuse}"].startswith(f"config: the slide argument {reached}")
+        assert out[f"folder/{refuse}"].startswith(f"config: slide argument 1 of 2 {reached}")
+        assert out[f"missing-inside/{refuse}"].startswith(f"config: the slide argument {reached}")
+        assert "search access" in out[f"file/{refuse}"]
+        assert out[f"unreadable/{refuse}"] == [str(unreadable)]  # the command reports it as a failed slide
+    for name, value in out.items():
+        if isinstance(value, str):
+            assert secret not in value and str(tmp_path) not in value, (name, value)

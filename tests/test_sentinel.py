@@ -128,3 +128,73 @@ def test_the_sentinel_appears_in_nothing_wsiflow_writes(prefect_server, wsiflow_
     assert index.stat().st_mode & 0o077 == 0
     for spec in (site_dir() / "batches").glob("*"):
         assert spec.stat().st_mode & 0o077 == 0, "batch specs hold slide paths: they must be owner-only"
+
+
+def _permissions_apply(tmp_path: Path) -> list[str]:
+    """A command prefix under which file permissions hold: none for a normal user; for root,
+    root without its permission-bypass capabilities (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH).
+    User nobody would do too, but cannot start this Python when it lives under /root."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv (util-linux): permission errors cannot be produced")
+    prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+    locked = tmp_path / "probe"
+    locked.write_bytes(b"x")
+    locked.chmod(0)
+    if subprocess.run([*prefix, "cat", str(locked)], capture_output=True, timeout=30).returncode == 0:
+        pytest.skip("dropping root's capabilities does not make permissions apply here")
+    return prefix
+
+
+@pytest.mark.slow
+def test_unreadable_folders_and_dicom_instance_names_never_reach_the_terminal(wsiflow_cli, tmp_path):
+    """Issue 14, item 6: an unreadable slide folder, a slide in a folder this user may not
+    search (as a file, a folder and a glob argument) and a damaged DICOM-WSI whose instance
+    files carry the sentinel give one-line errors, with --verbose logs, and no trace of the
+    sentinel or a traceback on stdout or stderr."""
+    import shutil
+
+    from tests.conftest import shared_file
+
+    prefix = _permissions_apply(tmp_path)
+    locked = write_sentinel_svs(tmp_path / "locked").parent  # case-<sentinel>/, made unreadable
+    closed_slide = write_sentinel_svs(tmp_path / "closed")
+    closed = closed_slide.parent  # listed, not entered
+    dicom = tmp_path / f"dicom-{SENTINEL}"
+    dicom.mkdir()
+    for i, instance in enumerate(sorted(shared_file("dicom/cmu-1-small-region-lossless").iterdir())):
+        shutil.copyfile(instance, dicom / f"{SENTINEL}-{i}.dcm")
+    largest = max(dicom.iterdir(), key=lambda p: p.stat().st_size)  # level 0: cut inside its frames
+    with open(largest, "r+b") as fh:
+        fh.truncate(largest.stat().st_size // 2)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    cases = [
+        ("inspect", [str(locked)], 1, "permission-denied"),
+        ("run", [str(locked), "--out", str(out)], 1, "permission-denied"),
+        ("inspect", [str(closed_slide)], 2, "cannot be reached: permission denied"),
+        ("run", [str(closed_slide), "--out", str(out)], 2, "cannot be reached: permission denied"),
+        ("run", [str(closed), "--out", str(out)], 2, "cannot be reached: permission denied"),
+        ("run", [str(closed / "*.svs"), "--out", str(out)], 2, "cannot be reached: permission denied"),
+        ("inspect", [str(closed / "other.svs")], 2, "cannot be reached: permission denied"),
+        ("run", [str(dicom), "--out", str(out)], 1, "corrupt"),
+    ]
+    locked.chmod(0)
+    closed.chmod(0o644)
+    try:
+        for command, arguments, code, expected in cases:
+            done = subprocess.run([*prefix, *wsiflow_cli, "--verbose", command, *arguments], env=env,
+                                  capture_output=True, text=True, timeout=600)
+            shown = done.stdout + done.stderr
+            where = f"wsiflow {command} ({expected}):\n{shown[-3000:]}"
+            assert done.returncode == code, where
+            assert expected in shown and "Traceback" not in shown, where
+            assert not any(n in shown.encode("utf-8") for n in _variants(SENTINEL)), where
+            assert str(tmp_path) not in shown.replace(str(out), ""), where
+    finally:
+        locked.chmod(0o755)
+        closed.chmod(0o755)

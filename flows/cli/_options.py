@@ -8,6 +8,7 @@ config is never masked by an argparse default.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import sys
@@ -77,6 +78,9 @@ def add_settings_options(parser: argparse.ArgumentParser, *, with_out: bool = Tr
     engine.add_argument("--batch-size", type=positive_int, metavar="N")
     engine.add_argument("--readers", type=positive_int, metavar="N",
                         help="tile reader threads (default: cores, 2 to 8)")
+    engine.add_argument("--slide-time-limit", type=_seconds, metavar="S",
+                        help="seconds one slide's analysis may take before it fails (its finished chunks are kept); "
+                             "0: no limit (default: config engine.slide_time_limit_s, 21600 = 6 h)")
     where = parser.add_argument_group("where it runs (default: config)")
     where.add_argument("--backend", choices=BACKEND_NAMES, help="slide reader")
     where.add_argument("--dask-address", metavar="tcp://HOST:PORT", help="run chunks on this existing Dask scheduler")
@@ -85,6 +89,17 @@ def add_settings_options(parser: argparse.ArgumentParser, *, with_out: bool = Tr
         help="analyse slides in this process, not a child process (starts a few seconds faster, but a "
              "crash in the slide-decoding library then stops the whole run)",
     )
+
+
+def _seconds(text: str) -> float:
+    """A number of seconds >= 0 (0: no limit), refused by argparse before anything is loaded."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 (no limit) or a positive number of seconds")
+    return value
 
 
 def _given(**values: Any) -> dict[str, Any]:
@@ -205,6 +220,8 @@ def settings_from_options(config: WsiflowConfig, args: argparse.Namespace) -> Ru
     )
     engine = replace(config.engine, **_given(batch_size=option("batch_size"), readers=option("readers"),
                                              device=option("device")))
+    if option("slide_time_limit") is not None:
+        engine = replace(engine, slide_time_limit_s=option("slide_time_limit") or None)
     return RunSettings(
         out_dir=_check_out_dir(Path(args.out)),
         model=option("model") or config.models.default,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import os
 import shutil
 import socket
@@ -15,15 +16,12 @@ from pipeline import OFFLINE_ENV, ConfigError, RunSettings
 
 from .._config import WsiflowConfig
 from .._model_ref import describe_model
-from ._common import EXIT_OK, positive_int
+from ._common import EXIT_INTERRUPTED, EXIT_OK, positive_int
 from ._options import add_settings_options, build_run_settings, pin_and_check_model
 
 __all__ = ["add_serve_parser", "add_server_parser", "run_serve", "run_server", "register_inbox",
            "settings_option_names", "given_options", "serve_options", "config_source", "check_inbox_settings",
-           "describe_deployment"]
-
-_EXIT_INTERRUPTED = 130
-"""Stopped with Ctrl-C (128 + SIGINT), as shells report it."""
+           "describe_deployment", "is_loopback_host"]
 
 
 def add_serve_parser(commands: argparse._SubParsersAction) -> None:
@@ -50,7 +48,10 @@ def add_server_parser(commands: argparse._SubParsersAction) -> None:
         "server",
         help="start a local Prefect server (analytics off, 127.0.0.1 by default)",
         description=(
-            "Start the Prefect server and UI for wsiflow runs. Set PREFECT_API_URL=http://HOST:PORT/api for clients."
+            "Start the Prefect server and UI for wsiflow runs. Set PREFECT_API_URL=http://HOST:PORT/api for clients. "
+            "Any --host other than loopback needs authentication: set PREFECT_SERVER_API_AUTH_STRING='user:password' "
+            "for the server (clients then set PREFECT_API_AUTH_STRING to the same value; the UI asks for it), or "
+            "put a reverse proxy with TLS and authentication in front and keep the server on 127.0.0.1."
         ),
     )
     server.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
@@ -59,6 +60,11 @@ def add_server_parser(commands: argparse._SubParsersAction) -> None:
         "--ui-api-url", metavar="URL",
         help="the API address the UI in a browser uses (default http://HOST:PORT/api; with --host 0.0.0.0, "
              "this machine's name)",
+    )
+    server.add_argument(
+        "--allow-unauthenticated", action="store_true",
+        help="bind a non-loopback --host without PREFECT_SERVER_API_AUTH_STRING: anyone who reaches the port can "
+             "read and start runs (only behind a proxy or firewall that authenticates for it)",
     )
 
 
@@ -175,7 +181,7 @@ def run_serve(args: argparse.Namespace, config: WsiflowConfig) -> int:
         asyncio.run(runner.start())
     except KeyboardInterrupt:
         print(_stopped(inbox_id), file=sys.stderr, flush=True)
-        return _EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED
     print(_stopped(inbox_id), file=sys.stderr, flush=True)
     return EXIT_OK
 
@@ -185,11 +191,54 @@ def _stopped(inbox_id: str) -> str:
             f"{inbox_id} is kept (serve the same --inbox and --out again to continue it)")
 
 
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether binding ``host`` keeps a server on this machine: a loopback address or
+    ``localhost``. Other names are not resolved (no lookup); they count as reachable."""
+    text = host.strip().strip("[]").lower()
+    if text in _LOOPBACK_NAMES:
+        return True
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+def _server_auth_configured() -> bool:
+    """Whether the Prefect server will require basic authentication: a non-blank
+    PREFECT_SERVER_API_AUTH_STRING in the environment, a profile or prefect.toml, exactly
+    as the server reads it."""
+    from prefect.settings import get_current_settings
+
+    secret = get_current_settings().server.api.auth_string
+    return secret is not None and bool(secret.get_secret_value().strip())
+
+
+def _check_exposure(args: argparse.Namespace) -> bool:
+    """Refuse a server reachable from other machines that anyone could use; True when
+    Prefect's authentication is on."""
+    authenticated = _server_auth_configured()
+    if is_loopback_host(args.host) or authenticated or args.allow_unauthenticated:
+        return authenticated
+    raise ConfigError(
+        f"--host {args.host} makes the Prefect API and UI reachable from other machines, and no authentication "
+        "is configured (anyone could read runs and start them)",
+        hint="set PREFECT_SERVER_API_AUTH_STRING='user:password' for the server (clients set PREFECT_API_AUTH_STRING "
+             "to the same value), or keep --host 127.0.0.1 behind a reverse proxy with TLS and authentication; "
+             "--allow-unauthenticated binds anyway",
+    )
+
+
 def run_server(args: argparse.Namespace, config: WsiflowConfig) -> int:
     prefect = shutil.which("prefect", path=os.path.dirname(sys.executable)) or shutil.which("prefect")
     if prefect is None:
         raise ConfigError("the prefect command is not installed in this environment",
                           hint="reinstall wsiflow in this environment (Prefect is one of its dependencies)")
+    authenticated = _check_exposure(args)
     public_host = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
     api_url = args.ui_api_url or f"http://{public_host}:{args.port}/api"
     env = {
@@ -200,6 +249,12 @@ def run_server(args: argparse.Namespace, config: WsiflowConfig) -> int:
         # An offline server must not advertise cloud upgrades.
         "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
     }
-    print(f"Prefect server on http://{public_host}:{args.port} -- clients: PREFECT_API_URL={api_url}", flush=True)
+    clients = f"PREFECT_API_URL={api_url}"
+    if authenticated:
+        clients += " and PREFECT_API_AUTH_STRING (the server's user:password; the UI asks for it)"
+    elif not is_loopback_host(args.host):
+        print(f"wsiflow: warning: --allow-unauthenticated: anyone who reaches {args.host}:{args.port} can read and "
+              "start runs", file=sys.stderr, flush=True)
+    print(f"Prefect server on http://{public_host}:{args.port} -- clients: {clients}", flush=True)
     os.execve(prefect, [prefect, "server", "start", "--host", args.host, "--port", str(args.port)], env)
     return EXIT_OK  # not reached
