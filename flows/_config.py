@@ -69,9 +69,11 @@ class AnalysisConfig:
 
 
 def check_dask_address(address: str, where: str = "dask address") -> str:
-    """``address`` if it is a scheduler URL (``tcp://HOST:PORT``), else :class:`ConfigError`."""
+    """``address`` if it is a scheduler URL (``tcp://HOST:PORT``, ``tls://HOST:PORT``), else :class:`ConfigError`."""
     if not re.fullmatch(r"(tcp|tls|inproc|ucx)://[^\s/]+(:\d+)?/?", address):
-        raise ConfigError(f"{where} {address!r} is not a scheduler URL", hint="use tcp://HOST:PORT")
+        raise ConfigError(f"{where} {address!r} is not a scheduler URL",
+                          hint="use tcp://HOST:PORT on this machine, or tls://HOST:PORT with the dask.tls_* "
+                               "certificates beyond it")
     return address
 
 

@@ -1,12 +1,20 @@
 """Run a slide's chunks on a Dask cluster (an existing scheduler or a LocalCluster).
 
 Only descriptors travel through the scheduler: the chunk task (grid cells and level-0
-coordinates), the slide job (paths, mpp, settings) and a model reference (registry,
-name@version, sha256). Each worker process loads the model once, verified against the
-sha256, and keeps it (cached by digest); it opens slides itself and reads its chunk's tiles
-where the model runs, so no pixels cross the network. The workers there when a process
-first connects load the model before any slide starts, so a slide's tiles/s measures its
-inference, not the workers' start-up.
+coordinates), the slide job and a model reference (registry, name@version, sha256). The
+job is detached first (``pipeline.ChunkJob.detached``): it names the slide by its
+pseudonymous ID and its result folder (named by that ID), never by its path; each worker
+reads the path from an owner-only note in the result's work folder, which it writes to
+anyway. Nothing a worker raises crosses back with text beyond its type and errno (an
+``OSError``'s file name stays on the worker). Each worker process loads the model once,
+verified against the sha256, and keeps it (cached by digest); it opens slides itself and
+reads its chunk's tiles where the model runs, so no pixels cross the network. The workers
+there when a process first connects load the model before any slide starts, so a slide's
+tiles/s measures its inference, not the workers' start-up.
+
+A ``tls://`` scheduler is reached with the certificates in the run settings
+(:func:`dask_security`: mutual TLS, encryption required); without them, with Dask's own
+TLS config. A refused certificate is one wsiflow error, not Dask's traceback.
 
 Ctrl-C: :func:`stop_dask_chunks` makes every chunk wait in this process end at once with
 :class:`SlideInterrupted`, and the slide's queued chunks are cancelled; chunks finished
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +34,9 @@ from typing import Any
 from pipeline import (
     ChunkJob,
     ChunkTask,
+    ConfigError,
     MppPolicy,
+    RunSettings,
     Slide,
     WorkerError,
     WsiflowError,
@@ -41,6 +52,7 @@ __all__ = [
     "chunk_on_worker",
     "worker_cache_sizes",
     "dask_executor",
+    "dask_security",
     "close_dask_clients",
     "stop_dask_chunks",
     "reset_dask_stop",
@@ -79,26 +91,55 @@ def reset_dask_stop() -> None:
 
 
 def _worker_slide(job: ChunkJob) -> Slide:
-    key = (job.slide_path, job.backend, job.mpp_x, job.mpp_y)
+    """The job's slide, opened once per worker process (``job`` is attached: it has its path)."""
+    path = job.slide_path
+    if path is None:
+        raise WorkerError(f"slide {job.slide_id}: the chunk job names no slide", transient=False)
+    key = (path, job.backend, job.mpp_x, job.mpp_y)
     slide = _SLIDES.get(key)
     if slide is None:
         if len(_SLIDES) >= _MAX_OPEN_SLIDES:
             _SLIDES.pop(next(iter(_SLIDES))).close()
         # The mpp was resolved (and recorded) by the client; the worker just uses it.
-        slide = open_slide(job.slide_path, backend=job.backend, mpp_policy=MppPolicy.fixed(job.mpp_x, job.mpp_y))
+        slide = open_slide(path, backend=job.backend, mpp_policy=MppPolicy.fixed(job.mpp_x, job.mpp_y))
         _SLIDES[key] = slide
     return slide
 
 
-def chunk_on_worker(task: ChunkTask, job: ChunkJob, model: ModelRef) -> tuple[str, int, WsiflowError | None]:
-    """Run one chunk where this function runs. Bad input is returned, not raised, so Dask
-    does not retry it; anything else (I/O hiccups, lost workers) raises and is retried."""
+def _bare(exc: Exception) -> Exception:
+    """``exc`` without its text, for the trip back through the scheduler: its nearest
+    built-in type survives (so the client knows what is worth a retry), a file name does not."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        # OSError(errno, text) is the errno's subclass again (FileNotFoundError, ...).
+        return OSError(exc.errno, exc.strerror or type(exc).__name__)
+    builtin = next(c for c in type(exc).__mro__ if c.__module__ == "builtins")
     try:
-        run_chunk(task, _worker_slide(job), load_model_ref(model), job.grid, Path(job.heatmap_path),
-                  Path(job.done_dir), job.engine)
+        return builtin(f"{type(exc).__name__} in a chunk")
+    except TypeError:  # a built-in with more constructor arguments (UnicodeDecodeError, ...)
+        return RuntimeError(f"{type(exc).__name__} in a chunk")
+
+
+def chunk_on_worker(task: ChunkTask, job: ChunkJob, model: ModelRef) -> tuple[str, int, WsiflowError | None]:
+    """Run one chunk where this function runs (``job`` may be detached). Bad input is
+    returned, not raised, so Dask does not retry it; anything else (I/O hiccups, lost
+    workers) raises, without its text, and is retried."""
+    failure: Exception | None = None
+    attached = job
+    try:
+        attached = job.attached()
+        run_chunk(task, _worker_slide(attached), load_model_ref(model), attached.grid,
+                  Path(attached.heatmap_path), Path(attached.done_dir), attached.engine)
     except WsiflowError as exc:
-        _SLIDES.pop((job.slide_path, job.backend, job.mpp_x, job.mpp_y), None)
+        if attached.slide_path is not None:
+            _SLIDES.pop((attached.slide_path, attached.backend, attached.mpp_x, attached.mpp_y), None)
         return task.name, 0, exc
+    except Exception as exc:  # re-raised below, bare: Dask retries it and reports its type
+        _log.debug("slide %s: chunk %s raised", job.slide_id, task.name, exc_info=True)
+        failure = _bare(exc)
+    if failure is not None:
+        # Raised outside the except block, so the original (and its text) is not its context:
+        # Dask pickles an exception's chain with it.
+        raise failure
     return task.name, len(task), None
 
 
@@ -129,21 +170,30 @@ class DaskChunkExecutor:
         if not tasks:
             return
         resources = {"GPU": 1} if self._gpu_workers() else None
-        futures = [
-            self.client.submit(
-                chunk_on_worker, task, job, self.model,
-                key=f"wsiflow-chunk-{job.slide_id}-{task.name}", pure=False,
-                retries=self.retries, resources=resources,
-            )
-            for task in tasks
-        ]
         try:
-            failure = self._wait(futures, advance)
-        except BaseException:
-            # Ctrl-C (here, or SlideInterrupted from another thread's stop): the cluster
-            # must not go on with this slide; finished chunks keep their markers.
-            self.client.cancel(futures)
-            raise
+            remote = job.detached()  # the slide's path stays on the shared storage, off the wire
+        except OSError as exc:
+            raise WorkerError(f"slide {job.slide_id}: its source note cannot be written to the result's work folder "
+                              f"({exc.strerror or type(exc).__name__})", hint="check the output folder") from None
+        try:
+            futures = [
+                self.client.submit(
+                    chunk_on_worker, task, remote, self.model,
+                    key=f"wsiflow-chunk-{job.slide_id}-{task.name}", pure=False,
+                    retries=self.retries, resources=resources,
+                )
+                for task in tasks
+            ]
+            try:
+                failure = self._wait(futures, advance)
+            except BaseException:
+                # Ctrl-C (here, or SlideInterrupted from another thread's stop): the cluster
+                # must not go on with this slide; finished chunks keep their markers.
+                self.client.cancel(futures)
+                raise
+        finally:
+            # The note lives only while this slide's chunks do (a rerun writes it again).
+            job.drop_source_note()
         if failure is not None:
             # Fail fast: chunks already finished keep their markers, so a rerun resumes.
             self.client.cancel(futures)
@@ -196,21 +246,69 @@ class DaskChunkExecutor:
         return None
 
 
-# Per process: one client per scheduler address, shared by the slides this process runs.
-_CLIENTS: dict[str, Any] = {}
-_WARMED: set[tuple[str, str]] = set()
+# Per process: one client per scheduler address (and certificates), shared by the slides this process runs.
+_CLIENTS: dict[tuple[str, tuple[str, ...]], Any] = {}
+_WARMED: set[tuple[tuple[str, tuple[str, ...]], str]] = set()
+_CONNECT_TIMEOUT = "60s"
 
 
-def dask_executor(address: str, model: ModelRef) -> DaskChunkExecutor:
-    """An executor sending chunks to the scheduler at ``address`` (client made once)."""
+def _tls_files(settings: RunSettings) -> tuple[str, ...]:
+    files = (settings.dask_tls_ca_file, settings.dask_tls_client_cert, settings.dask_tls_client_key)
+    return tuple(os.fspath(f) if f is not None else "" for f in files)
+
+
+def dask_security(settings: RunSettings) -> Any:
+    """The ``distributed.security.Security`` of the run's scheduler: its certificates with a
+    ``tls://`` address (encryption required), else None (Dask's own config)."""
+    address = settings.dask_address or ""
+    ca, cert, key = _tls_files(settings)
+    if not address.startswith("tls://") or not (ca and cert):
+        return None
+    from distributed.security import Security
+
+    return Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key or None, require_encryption=True)
+
+
+def _connect(address: str, security: Any) -> Any:
+    """A client of the scheduler; a refused certificate or a scheduler that is not there is
+    one error line, not Dask's traceback."""
     from distributed import Client
 
-    client = _CLIENTS.get(address)
+    try:
+        return Client(address, security=security, timeout=_CONNECT_TIMEOUT)
+    except FileNotFoundError:
+        raise ConfigError("a Dask TLS certificate file (dask.tls_*) does not exist",
+                          hint="fix dask.tls_ca_file, dask.tls_client_cert and dask.tls_client_key") from None
+    except ssl.SSLError as exc:
+        raise ConfigError(f"the Dask TLS certificates (dask.tls_*) cannot be used ({exc.reason or 'SSL error'})",
+                          hint="give PEM files: the authority's certificate, the client certificate it signed and "
+                               "that certificate's key") from None
+    except TypeError:
+        # Dask's words for a tls:// address without any TLS context.
+        raise ConfigError(f"the Dask scheduler {address} needs TLS, but no certificates are configured",
+                          hint="set dask.tls_ca_file and dask.tls_client_cert (and dask.tls_client_key) in the "
+                               "config") from None
+    except (OSError, TimeoutError) as exc:
+        raise WorkerError(
+            f"cannot connect to the Dask scheduler at {address} ({type(exc).__name__})",
+            hint="check that the scheduler runs and, with tls://, that it accepts this client's certificate "
+                 "(signed by the authority in dask.tls_ca_file)",
+        ) from None
+
+
+def dask_executor(settings: RunSettings, model: ModelRef) -> DaskChunkExecutor:
+    """An executor sending chunks to the scheduler of ``settings`` (client made once per
+    process), with its TLS certificates when the address is ``tls://``."""
+    if settings.dask_address is None:
+        raise ConfigError("no Dask scheduler address in the run settings", hint="set dask.address")
+    address, security, files = settings.dask_address, dask_security(settings), _tls_files(settings)
+    key = (address, files)
+    client = _CLIENTS.get(key)
     if client is None:
-        client = _CLIENTS[address] = Client(address, timeout="60s")
-    if (address, model.sha256) not in _WARMED:
+        client = _CLIENTS[key] = _connect(address, security)
+    if (key, model.sha256) not in _WARMED:
         _warm_workers(client, model)
-        _WARMED.add((address, model.sha256))
+        _WARMED.add((key, model.sha256))
     return DaskChunkExecutor(client, model)
 
 

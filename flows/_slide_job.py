@@ -136,7 +136,7 @@ def analyse_job(job: SlideJob, settings: RunSettings, model: ModelRef, info: Mod
         if settings.dask_address:
             from ._dask import dask_executor
 
-            executor = dask_executor(settings.dask_address, model)
+            executor = dask_executor(settings, model)
         return analyse_slide(
             job.path, load_model_ref(model), info, settings, secret=site_secret(), identity=job.identity,
             executor=executor, progress=_progress(job),

@@ -2,13 +2,19 @@
 
 :class:`ChunkJob` is what any worker needs to run a slide's chunks (paths and settings,
 never pixels, models or open handles); a :class:`ChunkExecutor` decides where chunks run
-(this process, or a Dask cluster in ``flows``).
+(this process, or a Dask cluster in ``flows``). A job sent to other processes is first
+:meth:`ChunkJob.detached`: the slide's path, which may name a patient, stays in an
+owner-only note in the job's marker folder, and the descriptor names only the slide ID and
+its result folder (named by that ID); the worker reads the path back
+(:meth:`ChunkJob.attached`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -18,6 +24,7 @@ from ._backend import BackendName
 from ._chunks import ChunkTask
 from ._classifier import PatchClassifier
 from ._engine import EngineSettings, classify_stream
+from ._errors import WorkerError
 from ._grid import GridSpec
 from ._omezarr import write_heatmap_block
 from ._result import atomic_write_text
@@ -26,20 +33,83 @@ from ._slide import Slide
 __all__ = ["ChunkJob", "ChunkExecutor", "run_chunk", "run_chunks", "run_sequentially", "chunk_marker"]
 
 
+_SOURCE_NOTE = "slide-source.json"
+"""In a job's marker folder (``.work/chunks``, dropped with ``.work`` when the result is
+sealed): the slide's path for workers of a detached job. Not a ``.done`` marker."""
+
+
 @dataclass(frozen=True)
 class ChunkJob:
     """What any worker needs to run a slide's chunks. Paths must be valid where the worker
     runs (shared storage); the µm/px was resolved and recorded by the client."""
 
     slide_id: str
-    slide_path: str
+    slide_path: str | None
+    """None in a :meth:`detached` job: the path is in its source note."""
     backend: BackendName
     mpp_x: float
     mpp_y: float
     grid: GridSpec
     heatmap_path: str
     done_dir: str
+    """The chunk markers' folder (and a detached job's source note)."""
     engine: EngineSettings
+
+    @property
+    def source_note(self) -> Path:
+        return Path(self.done_dir) / _SOURCE_NOTE
+
+    def detached(self) -> ChunkJob:
+        """This job as it may travel to other machines: the slide's path is written to an
+        owner-only source note in the marker folder (the workers write there anyway) and
+        left out of the returned job. Call :meth:`drop_source_note` when the chunks are done."""
+        if self.slide_path is None:
+            return self
+        note = self.source_note
+        tmp = note.with_name(f".{note.name}.{os.getpid()}.tmp")
+        text = json.dumps({"slide_id": self.slide_id, "slide_path": self.slide_path})
+        try:
+            # Owner-only from its creation: the path may name a patient.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.replace(tmp, note)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        return replace(self, slide_path=None)
+
+    def attached(self) -> ChunkJob:
+        """Where the chunks run: a :meth:`detached` job with its slide's path read back from
+        the source note (a job that has its path is returned as it is)."""
+        if self.slide_path is not None:
+            return self
+        try:
+            data = json.loads(self.source_note.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise WorkerError(
+                f"slide {self.slide_id}: its source note is gone from the result's work folder (the run ended, "
+                "or another run replaced the result)", transient=False,
+            ) from None
+        except PermissionError:
+            raise WorkerError(
+                f"slide {self.slide_id}: a worker cannot read the slide's source note in the result's work folder",
+                hint="run the Dask workers as the user that runs wsiflow (they write its result folders)",
+                transient=False,
+            ) from None
+        except (OSError, ValueError):
+            raise WorkerError(f"slide {self.slide_id}: the slide's source note cannot be read",
+                              hint="check the shared storage the workers write results to") from None
+        if not isinstance(data, dict) or data.get("slide_id") != self.slide_id \
+                or not isinstance(data.get("slide_path"), str):
+            raise WorkerError(f"slide {self.slide_id}: the source note in its result folder is for another slide",
+                              hint="do not run the same result folder from two places; run it again",
+                              transient=False)
+        return replace(self, slide_path=data["slide_path"])
+
+    def drop_source_note(self) -> None:
+        """Remove the source note of a :meth:`detached` job (if any)."""
+        self.source_note.unlink(missing_ok=True)
 
 
 class ChunkExecutor(Protocol):

@@ -280,3 +280,26 @@ def test_arguments_the_os_refuses_are_one_line_errors_by_position(tmp_path):
     for name, value in out.items():
         if isinstance(value, str):
             assert secret not in value and str(tmp_path) not in value, (name, value)
+
+
+def test_other_os_refusals_of_an_argument_are_one_line_errors(tmp_path):
+    """Issue 14, item 6, beyond permissions: a name too long for the file system (as a file,
+    inside a folder argument's path and as a glob) is one ConfigError by position, without the
+    name; a path through a file is a missing slide, refused or kept like any other."""
+    secret = "ZQXPATIENTSECRET"
+    readable = _file(tmp_path / "ok" / "a.svs")
+    too_long = tmp_path / (secret + "x" * 300)  # ENAMETOOLONG, not ENOENT
+    for refuse in (False, True):
+        with pytest.raises(ConfigError) as refused:
+            expand_slide_arguments([str(readable), str(too_long / "a.svs")], refuse_missing=refuse)
+        line = refused.value.one_line()
+        assert line.startswith("config: slide argument 2 of 2 cannot be looked at (file name too long)"), line
+        assert secret not in line and str(tmp_path) not in line and "\n" not in line
+        with pytest.raises(ConfigError, match="cannot be looked at"):
+            expand_slide_arguments([str(too_long) + ".svs"], refuse_missing=refuse)
+    assert expand_slide_arguments([str(too_long / "*.svs")]) == []  # a glob into nothing matches nothing
+    through_a_file = readable / f"{secret}.svs"  # ENOTDIR
+    assert expand_slide_arguments([str(through_a_file)]) == [through_a_file]  # the command reports it, by position
+    with pytest.raises(ConfigError) as refused:
+        expand_slide_arguments([str(through_a_file)], refuse_missing=True)
+    assert "does not exist" in str(refused.value) and secret not in refused.value.one_line()

@@ -153,8 +153,9 @@ def _permissions_apply(tmp_path: Path) -> list[str]:
 @pytest.mark.slow
 def test_unreadable_folders_and_dicom_instance_names_never_reach_the_terminal(wsiflow_cli, tmp_path):
     """Issue 14, item 6: an unreadable slide folder, a slide in a folder this user may not
-    search (as a file, a folder and a glob argument) and a damaged DICOM-WSI whose instance
-    files carry the sentinel give one-line errors, with --verbose logs, and no trace of the
+    search (as a file, a folder and a glob argument), a damaged DICOM-WSI whose instance
+    files carry the sentinel (inspect, run, deid) and one with an instance this user may not
+    read give one-line errors, with --verbose logs, and no trace of the
     sentinel or a traceback on stdout or stderr."""
     import shutil
 
@@ -168,9 +169,15 @@ def test_unreadable_folders_and_dicom_instance_names_never_reach_the_terminal(ws
     dicom.mkdir()
     for i, instance in enumerate(sorted(shared_file("dicom/cmu-1-small-region-lossless").iterdir())):
         shutil.copyfile(instance, dicom / f"{SENTINEL}-{i}.dcm")
+    shared = tmp_path / f"dicom-locked-{SENTINEL}"  # intact, but one instance this user may not read
+    shutil.copytree(dicom, shared)
+    for folder in (dicom, shared):
+        for instance in folder.iterdir():
+            instance.chmod(0o644)  # the shared copies may be read-only
     largest = max(dicom.iterdir(), key=lambda p: p.stat().st_size)  # level 0: cut inside its frames
     with open(largest, "r+b") as fh:
         fh.truncate(largest.stat().st_size // 2)
+    unreadable_instance = max(shared.iterdir(), key=lambda p: p.stat().st_size)
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     cases = [
@@ -182,9 +189,15 @@ def test_unreadable_folders_and_dicom_instance_names_never_reach_the_terminal(ws
         ("run", [str(closed / "*.svs"), "--out", str(out)], 2, "cannot be reached: permission denied"),
         ("inspect", [str(closed / "other.svs")], 2, "cannot be reached: permission denied"),
         ("run", [str(dicom), "--out", str(out)], 1, "corrupt"),
+        ("inspect", [str(dicom)], 1, "corrupt"),
+        ("deid", [str(dicom), str(out / "deid-damaged")], 1, "deid"),
+        ("inspect", [str(shared)], 1, "permission-denied"),
+        ("run", [str(shared), "--out", str(out)], 1, "permission-denied"),
+        ("deid", [str(shared), str(out / "deid-locked")], 1, "permission-denied"),
     ]
     locked.chmod(0)
     closed.chmod(0o644)
+    unreadable_instance.chmod(0)
     try:
         for command, arguments, code, expected in cases:
             done = subprocess.run([*prefix, *wsiflow_cli, "--verbose", command, *arguments], env=env,
@@ -198,3 +211,4 @@ def test_unreadable_folders_and_dicom_instance_names_never_reach_the_terminal(ws
     finally:
         locked.chmod(0o755)
         closed.chmod(0o755)
+        unreadable_instance.chmod(0o644)

@@ -8,9 +8,11 @@ config is never masked by an argparse default.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import socket
+import ssl
 import sys
 import urllib.error
 import urllib.parse
@@ -83,7 +85,9 @@ def add_settings_options(parser: argparse.ArgumentParser, *, with_out: bool = Tr
                              "0: no limit (default: config engine.slide_time_limit_s, 21600 = 6 h)")
     where = parser.add_argument_group("where it runs (default: config)")
     where.add_argument("--backend", choices=BACKEND_NAMES, help="slide reader")
-    where.add_argument("--dask-address", metavar="tcp://HOST:PORT", help="run chunks on this existing Dask scheduler")
+    where.add_argument("--dask-address", metavar="tcp://HOST:PORT",
+                       help="run chunks on this existing Dask scheduler (tls://HOST:PORT: with the certificates "
+                            "of config dask.tls_*)")
     where.add_argument(
         "--no-isolate", action="store_true",
         help="analyse slides in this process, not a child process (starts a few seconds faster, but a "
@@ -122,20 +126,110 @@ def _dask_address(option: str | None, config: WsiflowConfig) -> str | None:
     return check_dask_address(option, "--dask-address") if option else config.dask.address
 
 
-def _check_dask_reachable(address: str) -> None:
+def _dask_tls(address: str | None, config: WsiflowConfig) -> dict[str, Path | None]:
+    """The config's client certificates, for a ``tls://`` scheduler only: a ``tcp://``
+    ``--dask-address`` (a local test cluster) does not take them."""
+    tls = address is not None and address.startswith("tls://")
+    return {
+        "dask_tls_ca_file": config.dask.tls_ca_file if tls else None,
+        "dask_tls_client_cert": config.dask.tls_client_cert if tls else None,
+        "dask_tls_client_key": config.dask.tls_client_key if tls else None,
+    }
+
+
+_TLS_REMEDY = ("dask.tls_ca_file must be the authority that signed the scheduler's certificate, "
+               "dask.tls_client_cert a client certificate it signed, dask.tls_client_key that certificate's key")
+
+
+def _tls_context(settings: RunSettings) -> ssl.SSLContext:
+    """The client side of Dask's mutual TLS (as ``distributed.security`` makes it: CA-verified,
+    no host name check, TLS 1.2 or later), from the settings' certificate files."""
+    ca, cert, key = settings.dask_tls_ca_file, settings.dask_tls_client_cert, settings.dask_tls_client_key
+    step = "dask.tls_ca_file"
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=os.fspath(ca) if ca else None)
+        step = "dask.tls_client_cert" + (" or dask.tls_client_key" if key else "")
+        context.load_cert_chain(os.fspath(cert) if cert else "", os.fspath(key) if key else None)
+    except FileNotFoundError:
+        raise ConfigError(f"{step} does not exist", hint=_TLS_REMEDY) from None
+    except PermissionError:
+        raise ConfigError(f"{step} cannot be read: permission denied",
+                          hint="make the certificate files readable by the user that runs wsiflow") from None
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        raise ConfigError(f"{step} is not a usable PEM certificate/key ({reason})", hint=_TLS_REMEDY) from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False  # Dask's choice: a dedicated CA, clusters addressed by IP
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.verify_flags &= ~ssl.VERIFY_X509_STRICT  # as Dask: openssl-made certificates lack some extensions
+    return context
+
+
+def _check_tls_handshake(sock: socket.socket, address: str, context: ssl.SSLContext) -> None:
+    """Both sides of the mutual TLS: the scheduler's certificate is signed by our authority,
+    and it accepts ours (with TLS 1.3 a refusal arrives as an alert on the first read; a
+    Dask scheduler speaks first, so an accepted client reads its greeting)."""
+    try:
+        with context.wrap_socket(sock) as tls:
+            tls.settimeout(DASK_CONNECT_TIMEOUT_S)
+            with contextlib.suppress(TimeoutError):  # no refusal in time: the scheduler took it
+                tls.recv(1)
+    except ssl.SSLCertVerificationError:
+        raise ConfigError(f"the Dask scheduler at {address} has a certificate that dask.tls_ca_file did not sign",
+                          hint=_TLS_REMEDY) from None
+    except ssl.SSLError as exc:
+        reason = exc.reason or type(exc).__name__
+        if "WRONG_VERSION_NUMBER" in reason.upper() or "RECORD_LAYER" in reason.upper():
+            raise ConfigError(f"the Dask scheduler at {address} does not speak TLS",
+                              hint="use its tcp:// address, or start it with --tls-ca-file, --tls-cert and "
+                                   "--tls-key") from None
+        raise ConfigError(f"the Dask scheduler at {address} refused wsiflow's TLS client certificate ({reason})",
+                          hint=_TLS_REMEDY) from None
+    except TimeoutError:
+        raise ConfigError(f"the Dask scheduler at {address} did not answer the TLS handshake in "
+                          f"{DASK_CONNECT_TIMEOUT_S:g} s (a tcp:// scheduler?)",
+                          hint="start it with --tls-ca-file, --tls-cert and --tls-key, or use its tcp:// address "
+                               "(on this machine only)") from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise ConfigError(f"the TLS handshake with the Dask scheduler at {address} failed ({reason})",
+                          hint=_TLS_REMEDY) from None
+
+
+def _dask_has_tls_config() -> bool:
+    """Dask's own config (``distributed.comm.tls``, e.g. from ``DASK_DISTRIBUTED__COMM__TLS__*``)
+    names a CA and a client certificate."""
+    import dask.config
+
+    return bool(dask.config.get("distributed.comm.tls.ca-file", None)
+                and dask.config.get("distributed.comm.tls.client.cert", None))
+
+
+def _check_dask_reachable(settings: RunSettings) -> None:
     """A TCP connection to the scheduler, so a stopped one is refused in seconds, not after
-    Dask's 60 s connect timeout."""
+    Dask's 60 s connect timeout; with ``tls://`` and certificates, the TLS handshake too, so a
+    wrong or refused certificate is one line, not a minute's wait and a traceback."""
+    address = settings.dask_address or ""
     url = urllib.parse.urlsplit(address)
     if url.scheme not in ("tcp", "tls") or not url.hostname:
         return  # inproc:// and ucx:// are not plain TCP; Dask reports those itself
+    tls = url.scheme == "tls" and settings.dask_tls_ca_file is not None
+    if url.scheme == "tls" and not tls and not _dask_has_tls_config():
+        raise ConfigError(f"the Dask scheduler {address} is tls://, but no client certificates are configured",
+                          hint="set dask.tls_ca_file, dask.tls_client_cert and dask.tls_client_key in the config "
+                               "(--config)")
+    context = _tls_context(settings) if tls else None  # bad files are refused before any connection
     try:
-        with socket.create_connection((url.hostname, url.port or 8786), timeout=DASK_CONNECT_TIMEOUT_S):
-            pass
+        sock = socket.create_connection((url.hostname, url.port or 8786), timeout=DASK_CONNECT_TIMEOUT_S)
     except TimeoutError:
         reason = f"no answer in {DASK_CONNECT_TIMEOUT_S:g} s"
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "strerror", None) or type(exc).__name__
     else:
+        if context is None:
+            sock.close()
+        else:
+            _check_tls_handshake(sock, address, context)
         return
     raise ConfigError(
         f"no Dask scheduler answers at {address} ({reason})",
@@ -222,6 +316,7 @@ def settings_from_options(config: WsiflowConfig, args: argparse.Namespace) -> Ru
                                              device=option("device")))
     if option("slide_time_limit") is not None:
         engine = replace(engine, slide_time_limit_s=option("slide_time_limit") or None)
+    dask_address = _dask_address(option("dask_address"), config)
     return RunSettings(
         out_dir=_check_out_dir(Path(args.out)),
         model=option("model") or config.models.default,
@@ -231,7 +326,8 @@ def settings_from_options(config: WsiflowConfig, args: argparse.Namespace) -> Ru
         mpp=MppPolicy(cli_mpp=option("mpp"), overrides=config.mpp_overrides, force=bool(option("mpp_force"))),
         backend=option("backend") or config.backend,
         isolate=config.isolate and not option("no_isolate"),
-        dask_address=_dask_address(option("dask_address"), config),
+        dask_address=dask_address,
+        **_dask_tls(dask_address, config),
         force=bool(option("force")),
     )
 
@@ -242,7 +338,7 @@ def build_run_settings(config: WsiflowConfig, args: argparse.Namespace) -> RunSe
     ``--device cuda`` (when chunks run here), the Dask scheduler, the Prefect API."""
     settings = settings_from_options(config, args)
     if settings.dask_address:
-        _check_dask_reachable(settings.dask_address)
+        _check_dask_reachable(settings)
     api_url = os.environ.get("PREFECT_API_URL")
     if api_url and not getattr(args, "in_process", False):  # run --in-process never talks to it
         _check_prefect_api(api_url)
