@@ -7,7 +7,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["classification_metrics", "expected_calibration_error", "confusion_matrix"]
+__all__ = [
+    "classification_metrics", "expected_calibration_error", "confusion_matrix", "fit_temperature", "apply_temperature",
+]
 
 
 def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
@@ -81,3 +83,37 @@ def classification_metrics(
         "confusion_matrix": matrix.tolist(),
         "reliability": _reliability(truth, probabilities),
     }
+
+
+def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(logits / T) from softmax(logits): log-probabilities differ from the logits by a
+    per-row constant, which the softmax removes."""
+    logits = np.log(np.clip(np.asarray(probabilities, np.float64), 1e-12, 1)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(truth: np.ndarray, probabilities: np.ndarray, bounds: tuple[float, float] = (0.25, 8.0)) -> float:
+    """The temperature T minimising the negative log-likelihood of ``apply_temperature``
+    (Guo et al. 2017), by golden-section search on log T; deterministic."""
+    truth = np.asarray(truth, np.int64)
+
+    def nll(log_t: float) -> float:
+        p = apply_temperature(probabilities, float(np.exp(log_t)))
+        return float(-np.log(np.clip(p[np.arange(len(truth)), truth], 1e-12, 1)).mean())
+
+    lo, hi = np.log(bounds[0]), np.log(bounds[1])
+    ratio = (np.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    for _ in range(60):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = nll(b)
+    return float(np.exp((lo + hi) / 2))

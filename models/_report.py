@@ -35,8 +35,14 @@ def _figure(metrics: dict[str, Any], title: str, path: Path) -> None:
                       color="white" if normalised[i, j] > 0.5 else "black")
     bins = metrics["reliability"]
     right.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
+    before = metrics.get("reliability_uncalibrated")
+    if before:
+        right.plot([b["confidence"] for b in before], [b["accuracy"] for b in before], marker="x", color="#999999",
+                   label=f"before temperature scaling (ECE {metrics.get('ece_uncalibrated', float('nan')):.3f})")
     if bins:
         right.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", label="model")
+        right.bar([(b["lo"] + b["hi"]) / 2 for b in bins], [b["count"] / metrics["n"] for b in bins],
+                  width=0.09, color="#1f77b4", alpha=0.15, label="share of tiles")
     right.set_xlim(0, 1)
     right.set_ylim(0, 1)
     right.set_xlabel("confidence")
@@ -47,6 +53,20 @@ def _figure(metrics: dict[str, Any], title: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _tables_html(tables: dict[str, list[dict[str, Any]]]) -> str:
+    def cell(value: Any) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))
+
+    parts = []
+    for name, rows in tables.items():
+        if not rows:
+            continue
+        head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
+        body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row.values()) + "</tr>" for row in rows)
+        parts.append(f"<h2>{html.escape(name)}</h2><table><tr>{head}</tr>{body}</table>")
+    return "\n".join(parts)
 
 
 def _html(metrics: dict[str, Any], title: str, context: dict[str, Any], figure_name: str) -> str:
@@ -72,21 +92,30 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}</style></head><
 <h2>Per class</h2>
 <table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{rows}</table>
 <h2>Confusion matrix and calibration</h2><img src="{figure_name}" alt="confusion matrix and reliability diagram">
+{{tables}}
 </body></html>
 """
 
 
 def write_validation_report(
-    metrics: dict[str, Any], out_dir: Path, *, title: str, context: dict[str, Any]
+    metrics: dict[str, Any],
+    out_dir: Path,
+    *,
+    title: str,
+    context: dict[str, Any],
+    tables: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Path]:
-    """Write ``validation.json``, ``validation.png`` and ``validation.html`` into ``out_dir``."""
+    """Write ``validation.json``, ``validation.png`` and ``validation.html`` into ``out_dir``;
+    ``tables`` (name -> rows) are extra results (per source, failure modes) shown in both."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "json": out_dir / "validation.json",
         "png": out_dir / "validation.png",
         "html": out_dir / "validation.html",
     }
-    paths["json"].write_text(json.dumps({**context, "metrics": metrics}, indent=2) + "\n", encoding="utf-8")
+    document = {**context, "metrics": metrics, **({"tables": tables} if tables else {})}
+    paths["json"].write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     _figure(metrics, title, paths["png"])
-    paths["html"].write_text(_html(metrics, title, context, paths["png"].name), encoding="utf-8")
+    page = _html(metrics, title, context, paths["png"].name).replace("{tables}", _tables_html(tables or {}))
+    paths["html"].write_text(page, encoding="utf-8")
     return paths

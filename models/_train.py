@@ -14,7 +14,7 @@ from pipeline import Preprocessing
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TrainSettings", "EpochStats", "train_module", "seed_everything"]
+__all__ = ["TrainSettings", "EpochStats", "train_module", "seed_everything", "hed_jitter"]
 
 _log = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ class TrainSettings:
     augment: bool = True
     colour_jitter: float = 0.12
     """Max relative change of brightness, contrast and saturation."""
+    hed_jitter: float = 0.0
+    """Max relative change of each stain's amount in HED space (haematoxylin, eosin, DAB;
+    Tellez et al. 2019); the stain bias is a quarter of it, in optical density. 0: off."""
+    hed_p: float = 0.8
+    """Share of tiles that get HED jitter."""
     label_smoothing: float = 0.05
     progress: bool = True
 
@@ -48,11 +53,41 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def _augment(batch: torch.Tensor, generator: torch.Generator, jitter: float) -> torch.Tensor:
-    """Flips, 90° rotations and colour jitter on a [0, 1] (n, 3, h, w) batch."""
+# Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB), as in scikit-image.
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float32)
+_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED).astype(np.float32)
+
+
+def hed_jitter(
+    batch: torch.Tensor, generator: torch.Generator, amount: float, p: float = 1.0
+) -> torch.Tensor:
+    """Stain augmentation on a [0, 1] (n, 3, h, w) batch: each tile's haematoxylin, eosin and
+    DAB optical densities are scaled by U(1 - amount, 1 + amount) and shifted by
+    U(-amount/4, amount/4), like another lab's staining protocol."""
     import torch
 
     n = batch.shape[0]
+    od = -torch.log(batch.clamp(min=1 / 255))
+    hed = torch.einsum("nchw,cd->ndhw", od, torch.from_numpy(_HED_FROM_RGB))
+    scale = 1 + (torch.rand(n, 3, generator=generator) * 2 - 1) * amount
+    bias = (torch.rand(n, 3, generator=generator) * 2 - 1) * amount / 4
+    apply = (torch.rand(n, generator=generator) < p).float().view(n, 1)
+    scale = 1 + (scale - 1) * apply
+    bias = bias * apply
+    hed = hed * scale.view(n, 3, 1, 1) + bias.view(n, 3, 1, 1)
+    od = torch.einsum("ndhw,dc->nchw", hed, torch.from_numpy(_RGB_FROM_HED))
+    return torch.exp(-od).clamp_(0, 1)
+
+
+def _augment(
+    batch: torch.Tensor, generator: torch.Generator, jitter: float, hed: float = 0.0, hed_p: float = 0.8
+) -> torch.Tensor:
+    """Flips, 90° rotations, HED stain jitter and colour jitter on a [0, 1] (n, 3, h, w) batch."""
+    import torch
+
+    n = batch.shape[0]
+    if hed > 0:
+        batch = hed_jitter(batch, generator, hed, hed_p)
     flip = torch.rand(n, generator=generator) < 0.5
     batch = torch.where(flip.view(n, 1, 1, 1), batch.flip(3), batch)
     turns = torch.randint(0, 4, (n,), generator=generator)
@@ -109,7 +144,7 @@ def train_module(
             index = np.sort(order[offset : offset + settings.batch_size])
             batch = torch.from_numpy(np.ascontiguousarray(images[index])).permute(0, 3, 1, 2).float().div_(255)
             if settings.augment:
-                batch = _augment(batch, generator, settings.colour_jitter)
+                batch = _augment(batch, generator, settings.colour_jitter, settings.hed_jitter, settings.hed_p)
             batch = (batch - mean) / std
             targets = targets_all[index]
             logits = module(batch)

@@ -242,7 +242,7 @@ def test_a_segfault_on_a_worker_fails_only_that_slide(bundled, cmu_svs, tmp_path
         worker_dashboard_address=None,
     ) as cluster, Client(cluster) as client:
         client.register_plugin(plugin)
-        executor = DaskChunkExecutor(client, ModelRef(str(registry.site_root), "tissue-qc@1", info.sha256), retries=0)
+        executor = DaskChunkExecutor(client, ModelRef(str(registry.site_root), "tissue-qc@2", info.sha256), retries=0)
 
         def analyse(path: Path):
             return analyse_slide(path, model, info, _settings(tmp_path / "dask", params, engine), secret=b"f" * 32,

@@ -101,7 +101,7 @@ def test_batch_flow_on_the_server(prefect_server, wsiflow_cli, cmu_svs, tmp_path
     statuses = [(r["status"], (r["error"] or {}).get("kind")) for r in report["slides"]]
     assert statuses == [("done", None), ("failed", "corrupt")]
     done = report["slides"][0]
-    assert done["model"] == "tissue-qc@1" and done["mpp"]["source"] == "metadata" and done["tiles"] > 0
+    assert done["model"] == "tissue-qc@2" and done["mpp"]["source"] == "metadata" and done["tiles"] > 0
     result_dir = Path(done["result_dir"])  # absolute, as in `run --json`
     assert result_dir.is_absolute() and result_dir.is_relative_to(tmp_path / "out")
     assert (result_dir / "result.json").exists()

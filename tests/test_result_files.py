@@ -325,7 +325,7 @@ def test_sample_slide_geojson_is_within_bounds_without_overlap_and_matches_the_s
     _check_no_overlap(cmu_result)
     _check_areas(cmu_result)
     table = pq.read_table(cmu_result / "tiles.parquet")
-    assert set(table.column("model").to_pylist()) == {"tissue-qc@1"}
+    assert set(table.column("model").to_pylist()) == {"tissue-qc@2"}
 
 
 # -- overview.png ---------------------------------------------------------------------------------

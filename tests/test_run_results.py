@@ -68,7 +68,7 @@ def test_outputs_are_complete_valid_and_free_of_the_file_name(bundled, cmu_svs, 
     outcome = _analyse(cmu_svs, model, info, tmp_path)
     assert outcome.status == "done", outcome.error
     result = outcome.result_dir
-    assert outcome.model == "tissue-qc@1"
+    assert outcome.model == "tissue-qc@2"
     assert outcome.mpp is not None and outcome.mpp.source == "metadata"
     # OUT/<slide id>/<model>/v<version>-<params digest>/, with OUT/<slide id>/<model>/latest -> it.
     assert result.parent.parent == tmp_path / outcome.slide_id and result.parent.name == "tissue-qc"
@@ -87,7 +87,7 @@ def test_outputs_are_complete_valid_and_free_of_the_file_name(bundled, cmu_svs, 
                    "prob_tissue", "prob_pen", "predicted_class"):
         assert column in table.column_names
     assert set(table.column("slide_id").to_pylist()) == {outcome.slide_id}
-    assert set(table.column("model").to_pylist()) == {"tissue-qc@1"}
+    assert set(table.column("model").to_pylist()) == {"tissue-qc@2"}
     probs = np.stack([table.column(c).to_numpy() for c in table.column_names if c.startswith("prob_")], axis=1)
     np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-4)
     predicted = np.array(table.column("predicted_class").to_pylist())
@@ -104,18 +104,22 @@ def test_outputs_are_complete_valid_and_free_of_the_file_name(bundled, cmu_svs, 
 
     summary = json.loads((result / "summary.json").read_text())
     assert summary["tiles"] == outcome.tiles
-    assert summary["provenance"]["model"] == {"name": "tissue-qc", "version": 1, "sha256": info.sha256}
+    assert summary["provenance"]["model"] == {"name": "tissue-qc", "version": 2, "sha256": info.sha256}
     assert summary["provenance"]["mpp"]["source"] == "metadata"
     assert summary["provenance"]["parameters"]["grid"]["stride_px"] == 112
     assert summary["provenance"]["parameters"]["grid_spec"]["stride_px"] == 112
     assert summary["provenance"]["parameters"]["chunk_cells"] == 4
     typed = ResultFolder(result).read_summary()
     assert typed.slide_id == outcome.slide_id and typed.tiles == outcome.tiles
-    assert (typed.model.name, typed.model.version, typed.model.sha256) == ("tissue-qc", 1, info.sha256)
+    assert (typed.model.name, typed.model.version, typed.model.sha256) == ("tissue-qc", 2, info.sha256)
     assert typed.mpp == outcome.mpp
     assert summary["classes"]["tissue"]["fraction"] > 0.5
     assert len(summary["hotspots"]["pen"]) == 10
     assert summary["timings"]["tiles_per_s"] > 0
+    # Which reader decoded the pixels (part of the run key) and where the time went.
+    assert summary["provenance"]["reader"] == "openslide+jpeg-direct/1"
+    assert {"open_s", "prepare_s", "tissue_s", "inference_s", "finalize_s"} <= summary["timings"].keys()
+    assert {"heatmap_pyramid_s", "tile_table_s", "geojson_s", "overview_read_s"} <= summary["timings"]["parts"].keys()
 
     # Nothing written names the slide file or carries its free-text metadata.
     for path in result.rglob("*"):
@@ -209,7 +213,7 @@ def test_cli_run_batch_with_a_bad_slide_reuse_and_force(wsiflow_cli, cmu_svs, tm
     assert [r["status"] for r in rows] == ["done", "failed", "failed"]
     assert [r["error"]["kind"] for r in rows[1:]] == ["corrupt", "not-found"]
     assert Path(rows[0]["result_dir"]).is_absolute() and Path(rows[0]["result_dir"]).is_dir()
-    assert rows[0]["tiles"] > 0 and rows[0]["model"] == "tissue-qc@1"
+    assert rows[0]["tiles"] > 0 and rows[0]["model"] == "tissue-qc@2"
     assert rows[0]["mpp"]["source"] == "metadata" and rows[0]["mpp"]["override"] is None
     assert "Traceback" not in first.stderr and bad.name not in first.stdout + first.stderr
     second = _run(wsiflow_cli, "run", cmu_svs, "--out", out, "--stride", "112")
