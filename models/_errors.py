@@ -12,6 +12,13 @@ __all__ = [
     "AcceptanceError",
     "ReadOnlyModelError",
     "TrainingDataError",
+    "RegistryIntegrityError",
+    "BundleError",
+    "UnsignedBundleError",
+    "UntrustedPublisherError",
+    "TamperedBundleError",
+    "DowngradeError",
+    "ValidationOverlapError",
 ]
 
 
@@ -65,3 +72,48 @@ class TrainingDataError(WsiflowError, ValueError):
 
     kind = "bad-training-data"
     hint = "check the annotation class names and that polygons lie on the slide"
+
+
+class RegistryIntegrityError(WsiflowError, ValueError):
+    """A site registry record (seal, promotion record, defaults, trust list) does not match the
+    site secret, or a model changed since it was sealed, or a file links out of the registry."""
+
+    kind = "registry-tampered"
+    hint = (
+        "the registry was changed outside wsiflow: check `wsiflow audit verify`, remove the named version "
+        "(`wsiflow models remove NAME@VERSION`) and install it again from a trusted copy"
+    )
+
+
+class BundleError(WsiflowError, ValueError):
+    """A model bundle cannot be packed, or was refused at install."""
+
+    kind = "bundle-refused"
+    hint = "ask the publisher for a new bundle, signed with a key this site trusts"
+
+
+class UnsignedBundleError(BundleError):
+    kind = "bundle-unsigned"
+    hint = "install only bundles made with `wsiflow models pack --key ...`"
+
+
+class UntrustedPublisherError(BundleError):
+    kind = "bundle-untrusted"
+    hint = "check the publisher's key fingerprint with them, then `wsiflow models trust add KEY.pub --name NAME`"
+
+
+class TamperedBundleError(BundleError):
+    kind = "bundle-tampered"
+    hint = "the bundle changed after it was signed: get a fresh copy from the publisher"
+
+
+class DowngradeError(BundleError):
+    kind = "bundle-downgrade"
+    hint = "install a newer version than the site has had; `wsiflow models rollback NAME` restores an older one"
+
+
+class ValidationOverlapError(TrainingDataError):
+    """Validation slides that the model (or an ancestor) was trained on."""
+
+    kind = "validation-overlap"
+    hint = "validate on slides the model never saw in training; its lineage lists the training slides' digests"

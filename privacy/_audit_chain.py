@@ -68,6 +68,7 @@ AUDIT_ACTIONS = frozenset({
     "run", "mpp-override", "view", "review-save", "export", "deid",
     "model-import", "model-verify", "model-promote", "model-remove", "model-train",
     "audit-rotate", "review-signoff",
+    "model-install", "model-trust", "model-rollback", "model-validate", "model-pack",
 })
 """Actions the log knows; anything else is a programming error."""
 

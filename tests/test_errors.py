@@ -38,8 +38,14 @@ FITTING_BUILTIN: dict[str, type[Exception]] = {
     "UnsafeWeightsError": ValueError,
     "AcceptanceError": ValueError,
     "ReadOnlyModelError": PermissionError,
-    "TrainingDataError": ValueError,
     "AuditLogError": ValueError,
+    "RegistryIntegrityError": ValueError,
+    "UnsignedBundleError": ValueError,
+    "UntrustedPublisherError": ValueError,
+    "TamperedBundleError": ValueError,
+    "DowngradeError": ValueError,
+    "ValidationOverlapError": ValueError,
+    "FederationPayloadError": ValueError,
 }
 
 

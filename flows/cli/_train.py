@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from models import (
+    ModelEntry,
+    Registry,
     TrainSettings,
+    ValidationOverlapError,
     annotated_dataset,
     check_training_inputs,
     finetune,
     labelled_patch_folder,
     validate_arrays,
 )
-from pipeline import ConfigError, MppPolicy
+from pipeline import ConfigError, MppPolicy, WsiflowError, content_digest
 
 from .._config import WsiflowConfig
 from ._common import EXIT_OK, mpp_arg
-from ._models import registry_for
+from ._models import audit_model_step, registry_for
 
 __all__ = ["add_train_parser", "add_validate_parser", "run_train", "run_validate"]
 
@@ -71,6 +75,14 @@ def add_validate_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace, config: WsiflowConfig) -> int:
+    try:
+        return _train(args, config)
+    except WsiflowError as exc:
+        audit_model_step("train", params={"name": args.name, "base": args.base or config.models.default}, error=exc)
+        raise
+
+
+def _train(args: argparse.Namespace, config: WsiflowConfig) -> int:
     check_training_inputs(args.slides, args.annotations)  # before the base model loads
     registry = registry_for(config)
     base = registry.load(args.base or config.models.default)
@@ -87,6 +99,9 @@ def run_train(args: argparse.Namespace, config: WsiflowConfig) -> int:
         classes=classes, settings=settings, per_class=args.per_class, mpp_policy=policy,
     )
     entry = registry.add(manifest, weights)
+    audit_model_step("train", model_digest=manifest.weights_sha256,
+                     params={"ref": entry.manifest.ref, "parent": manifest.lineage.parent,
+                             "training_data": manifest.lineage.training_data_digest})
     result = {
         "ref": entry.manifest.ref,
         "parent": manifest.lineage.parent,
@@ -107,13 +122,55 @@ def run_train(args: argparse.Namespace, config: WsiflowConfig) -> int:
     return EXIT_OK
 
 
+def _training_slides(registry: Registry, entry: ModelEntry) -> set[str]:
+    """The content digests of the slides ``entry`` and its ancestors (as far as the registry
+    still has them) were trained on."""
+    digests: set[str] = set()
+    seen: set[str] = set()
+    current: ModelEntry | None = entry
+    while current is not None and current.manifest.ref not in seen:
+        seen.add(current.manifest.ref)
+        digests.update(current.manifest.lineage.slide_digests)
+        parent = current.manifest.lineage.parent
+        try:
+            current = registry.resolve(parent) if parent else None
+        except WsiflowError:  # an ancestor removed or broken: its own lineage is gone
+            current = None
+    return digests
+
+
+def _check_overlap(registry: Registry, entry: ModelEntry, slides: list[Path], record: bool) -> None:
+    """Warn (and refuse to record) when validation slides are in the model's training lineage."""
+    trained = _training_slides(registry, entry)
+    overlap = sum(1 for slide in slides if content_digest(slide) in trained)
+    if not overlap:
+        return
+    message = (f"{overlap} of the {len(slides)} validation slide(s) were used to train {entry.manifest.ref} "
+               "or its ancestors: the metrics would be optimistic")
+    if record:
+        raise ValidationOverlapError(message + "; not recording them")
+    print(f"wsiflow: warning {message} (not usable with --record)", file=sys.stderr)
+
+
 def run_validate(args: argparse.Namespace, config: WsiflowConfig) -> int:
+    if not args.record:
+        return _validate(args, config)
+    try:
+        return _validate(args, config)
+    except WsiflowError as exc:
+        audit_model_step("validate-record", params={"ref": args.model}, error=exc)
+        raise
+
+
+def _validate(args: argparse.Namespace, config: WsiflowConfig) -> int:
     if args.slides is not None:
         if not args.annotations:
             raise ConfigError("--slides needs --annotations (one GeoJSON per slide)")
         check_training_inputs(args.slides, args.annotations)  # before the model loads
     registry = registry_for(config)
     entry = registry.resolve(args.model)
+    if args.slides is not None:
+        _check_overlap(registry, entry, args.slides, args.record)
     model = registry.load(entry.manifest.ref)
     if args.patches is not None:
         images, labels = labelled_patch_folder(args.patches, model.class_names, model.preprocessing, args.mpp)
@@ -128,6 +185,9 @@ def run_validate(args: argparse.Namespace, config: WsiflowConfig) -> int:
     metrics, validation, paths = validate_arrays(model, images, labels, dataset=dataset, out_dir=out)
     if args.record:
         registry.record_validation(entry, validation)
+        audit_model_step("validate-record", model_digest=entry.manifest.weights_sha256,
+                         params={"ref": entry.manifest.ref, "dataset_digest": validation.dataset_digest,
+                                 "metrics": validation.metrics})
     if args.json:
         print(json.dumps({"ref": entry.manifest.ref, "metrics": metrics,
                           "report": {k: str(v) for k, v in paths.items()}, "recorded": args.record}, indent=2))
