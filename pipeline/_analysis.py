@@ -97,19 +97,27 @@ class _Clock:
     def __init__(self, started: float) -> None:
         self._started = started
         self._last = started
+        self._last_part = started
         self._laps: dict[str, float] = {}
+        self._parts: dict[str, float] = {}
         self.tiles_per_s: float | None = None
 
     def lap(self, name: str) -> None:
         now = time.perf_counter()
         self._laps[name] = round(now - self._last, 3)
-        self._last = now
+        self._last = self._last_part = now
 
-    def timings(self, tiles_computed: int) -> dict[str, float | int | None]:
+    def part(self, name: str) -> None:
+        """A step inside the current lap (each output written): reported under ``parts``."""
+        now = time.perf_counter()
+        self._parts[name] = round(now - self._last_part, 3)
+        self._last_part = now
+
+    def timings(self, tiles_computed: int) -> dict[str, object]:
         inference_s = self._laps.get("inference_s", 0.0)
         self.tiles_per_s = round(tiles_computed / inference_s, 2) if tiles_computed and inference_s > 0 else None
         return {**self._laps, "total_s": round(time.perf_counter() - self._started, 3),
-                "tiles_computed": tiles_computed, "tiles_per_s": self.tiles_per_s}
+                "tiles_computed": tiles_computed, "tiles_per_s": self.tiles_per_s, "parts": dict(self._parts)}
 
 
 @dataclass(frozen=True)
@@ -169,7 +177,9 @@ def _open(path: Path, settings: RunSettings, secret: bytes, identity: SlideIdent
 def _plan(slide: Slide, identity: SlideIdentity, classifier: PatchClassifier, model: ModelInfo,
           settings: RunSettings) -> _Plan:
     spec = settings.analysis.grid.spec(classifier.preprocessing, model.ref)
-    digest = analysis_digest(model, settings.analysis, spec, slide.mpp, slide.info.backend)
+    # The reader (backend, or backend + direct JPEG reader) decides the pixels: a result made
+    # with another reader lives in another folder and is never resumed with this one.
+    digest = analysis_digest(model, settings.analysis, spec, slide.mpp, slide.reader)
     key = hashlib.sha256(f"{identity.digest}:{digest}".encode()).hexdigest()
     return _Plan(spec, key, ResultFolder.for_run(settings.out_dir, identity.slide_id, model, digest))
 
@@ -282,7 +292,7 @@ def _compute(ctx: _Context, layout: _Layout, resumed: bool, executor: ChunkExecu
     (executor or run_sequentially)(layout.pending, job, run_here, on_batch)
 
 
-def _write_outputs(ctx: _Context, layout: _Layout) -> tuple[TileResults, int]:
+def _write_outputs(ctx: _Context, layout: _Layout, clock: _Clock) -> tuple[TileResults, int]:
     """Heatmap pyramid, tissue mask, tile table, GeoJSON and overview; the table and regions."""
     folder, spec, grid, params = ctx.plan.folder, ctx.plan.spec, layout.grid, ctx.settings.analysis
     slide, model, sid = ctx.slide, ctx.model, ctx.identity.slide_id
@@ -292,10 +302,15 @@ def _write_outputs(ctx: _Context, layout: _Layout) -> tuple[TileResults, int]:
     results = TileResults(grid, probabilities, tuple(names), sid, model.ref)
     stride_um = spec.effective_stride_px * spec.target_mpp
     geometry = HeatmapGeometry(spacing_um=stride_um, origin_um=spec.tile_size_px * spec.target_mpp / 2)
+    clock.part("read_heatmap_s")
     finalize_heatmap(folder.heatmap, names, model.class_colors, geometry, {"slide_id": sid, "model": model.ref})
+    clock.part("heatmap_pyramid_s")
     write_mask_image(folder.tissue, layout.mask.mask, layout.mask.mpp)
+    clock.part("tissue_mask_s")
     write_tile_table(results, folder.tiles)
+    clock.part("tile_table_s")
     regions = write_geojson(results, model.class_colors, params.region_threshold, folder.geojson)
+    clock.part("geojson_s")
     choice = choose_overview_class(names, probabilities, params.overview_class)
     shown = choice.class_name
     note = None
@@ -306,10 +321,13 @@ def _write_outputs(ctx: _Context, layout: _Layout) -> tuple[TileResults, int]:
     kept[grid.rows, grid.cols] = True
     extent_um = max(slide.info.width * slide.mpp.mpp_x, slide.info.height * slide.mpp.mpp_y)
     thumb_mpp = max(extent_um / _OVERVIEW_MAX_PX, slide.mpp.mpp_x, slide.mpp.mpp_y)
+    thumbnail = slide.read_thumbnail(thumb_mpp)
+    clock.part("overview_read_s")
     write_overview(
-        slide.read_thumbnail(thumb_mpp), thumb_mpp, level0[names.index(shown)], kept, stride_um, geometry.origin_um,
+        thumbnail, thumb_mpp, level0[names.index(shown)], kept, stride_um, geometry.origin_um,
         shown, f"slide {sid} · {model.ref} · P({shown})\n{choice.reason}", folder.overview, note,
     )
+    clock.part("overview_write_s")
     return results, regions
 
 
@@ -342,7 +360,9 @@ def analyse_slide(
     _stage(progress, identity.slide_id if identity else None, "opening")
     slide_path = Path(path)
     try:
+        clock = _Clock(attempt.started)
         with _open(slide_path, settings, secret, identity, attempt) as (slide, ident):
+            clock.lap("open_s")  # opening the slide (and hashing it when no identity was given)
             sid = ident.slide_id
             plan = _plan(slide, ident, classifier, model, settings)
             with _result_lock(plan.folder, sid):
@@ -351,8 +371,8 @@ def analyse_slide(
                     _stage(progress, sid, "reused", "a complete result with the same parameters exists")
                     return _reused(plan.folder, attempt, sid)
                 resumed = _prepare_work(plan.folder, plan.key, settings.force)
+                clock.lap("prepare_s")
                 ctx = _Context(slide_path, slide, ident, classifier, model, settings, plan)
-                clock = _Clock(attempt.started)
                 deadline = _Deadline(settings.engine.slide_time_limit_s, attempt.started)
                 _stage(progress, sid, "finding tissue")
                 layout = _layout(slide, plan.spec, settings, plan.folder)
@@ -362,7 +382,7 @@ def analyse_slide(
                 clock.lap("inference_s")
                 deadline.check()
                 _stage(progress, sid, "writing results")
-                results, regions = _write_outputs(ctx, layout)
+                results, regions = _write_outputs(ctx, layout, clock)
                 clock.lap("finalize_s")
                 summary = build_summary(SummaryInputs(
                     sid, model, classifier.class_names, settings.analysis, layout.grid, slide, results,

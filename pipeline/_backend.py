@@ -151,6 +151,8 @@ class _OpenSlideBackend:
 
         self._error_type = openslide.OpenSlideError
         self._path = path
+        self.path = path
+        """The file opened (for a direct reader of its stored tiles); never reported."""
         self._slide = openslide.OpenSlide(str(path))
         props = self._slide.properties
         self.level_dimensions = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
@@ -209,6 +211,7 @@ class _TiffSlideBackend:
         import tiffslide
 
         self._path = path
+        self.path = path
         self._slide = tiffslide.TiffSlide(str(path))
         try:
             self._describe()

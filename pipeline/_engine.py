@@ -12,18 +12,22 @@ import itertools
 import logging
 import math
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from ._classifier import PatchClassifier
 from ._errors import ConfigError
 
-__all__ = ["EngineSettings", "resolve_device", "classify_stream", "classify_tiles", "default_readers",
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["EngineSettings", "EngineStats", "resolve_device", "classify_stream", "classify_tiles", "default_readers",
            "batch_size_for", "MAX_BATCH_INPUT_BYTES", "MAX_TILE_INPUT_BYTES", "DEFAULT_SLIDE_TIME_LIMIT_S"]
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -116,15 +120,90 @@ class _Model:
             batch = torch.from_numpy(tiles)
             if self.cuda:
                 batch = batch.pin_memory().to(self.device, non_blocking=True)
+            return self.forward(batch).cpu().numpy()
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Probabilities (float32, on the device) of uint8 NHWC tiles already on the device."""
+        import torch
+
+        with torch.inference_mode():
             # uint8 NHWC -> float NCHW, normalised on the device (less host work and traffic).
-            batch = batch.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
+            x = batch.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
             if self.cuda:
-                batch = batch.contiguous(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cuda", dtype=self.autocast_dtype):
-                    logits = self.module(batch)
+                    logits = self.module(x)
             else:
-                logits = self.module(batch)
-            return torch.softmax(logits.float(), dim=1).cpu().numpy()
+                logits = self.module(x)
+            return torch.softmax(logits.float(), dim=1)
+
+
+class _CudaPipeline:
+    """Overlaps a batch's host-to-device copy, the previous batch's compute and the host's
+    wait for reader threads: two pinned host buffers, a copy stream, events between them.
+
+    The model runs the same kernels on the same batches as without it (same results); only
+    when copies and compute happen changes. Also sums the GPU's busy time (CUDA events).
+    """
+
+    def __init__(self, model: _Model, batch_size: int, tile: int) -> None:
+        import torch
+
+        self._torch = torch
+        self._model = model
+        self._copy_stream = torch.cuda.Stream(device=model.device)
+        shape = (batch_size, tile, tile, 3)
+        self._host = [torch.empty(shape, dtype=torch.uint8).pin_memory() for _ in range(2)]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._slot = 0
+        self.busy_s = 0.0
+
+    def host_buffer(self, n: int) -> np.ndarray:
+        """The next pinned buffer (as numpy, ``n`` tiles), once its previous copy is done."""
+        event = self._copied[self._slot]
+        if event is not None:
+            event.synchronize()
+        return self._host[self._slot][:n].numpy()
+
+    def submit(self, n: int) -> tuple[torch.Tensor, torch.cuda.Event, torch.cuda.Event, torch.cuda.Event]:
+        """Copy the filled buffer's ``n`` tiles and classify them, without waiting."""
+        torch = self._torch
+        slot, self._slot = self._slot, self._slot ^ 1
+        compute = torch.cuda.current_stream(self._model.device)
+        with torch.cuda.stream(self._copy_stream):
+            on_device = self._host[slot][:n].to(self._model.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._copy_stream)
+        self._copied[slot] = copied
+        compute.wait_event(copied)
+        on_device.record_stream(compute)  # its memory is used by the compute stream
+        started, finished = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        started.record(compute)
+        probabilities = self._model.forward(on_device)
+        finished.record(compute)
+        result = torch.empty(probabilities.shape, dtype=probabilities.dtype, pin_memory=True)
+        result.copy_(probabilities, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(compute)
+        return result, done, started, finished
+
+    def collect(self, handle: tuple[torch.Tensor, torch.cuda.Event, torch.cuda.Event, torch.cuda.Event]) -> np.ndarray:
+        result, done, started, finished = handle
+        done.synchronize()
+        self.busy_s += started.elapsed_time(finished) / 1000
+        return result.numpy()
+
+
+@dataclass
+class EngineStats:
+    """What limited a :func:`classify_stream` call (filled in when one is passed)."""
+
+    tiles: int = 0
+    wall_s: float = 0.0
+    wait_for_readers_s: float = 0.0
+    """Time the model loop waited for reader threads (the reader bound shows here)."""
+    gpu_busy_s: float | None = None
+    """Time the GPU spent computing (CUDA events), None on CPU."""
 
 
 _REDUCED: set[tuple[int, int]] = set()
@@ -161,6 +240,7 @@ def classify_stream(
     on_batch: Callable[[int], None] | None = None,
     on_probabilities: Callable[[int, np.ndarray], None] | None = None,
     segment_ends: Sequence[int] = (),
+    stats: EngineStats | None = None,
 ) -> np.ndarray:
     """Probabilities (len(indices), classes) float32 for the tiles ``read_tile(i)``.
 
@@ -169,7 +249,10 @@ def classify_stream(
     of the output (``start`` is their position in it), then ``on_batch(n)`` the number of
     tiles it held. No batch spans a position in ``segment_ends``: a segment's batches (and
     so its probabilities, bit for bit) do not depend on what is classified around it.
+    On CUDA, copies and compute of consecutive batches overlap (:class:`_CudaPipeline`).
+    ``stats``, when given, receives timings.
     """
+    started = time.perf_counter()
     tile = classifier.preprocessing.tile_size_px
     batch_size = batch_size_for(tile, settings.batch_size)  # before anything is allocated
     model = _Model(classifier, resolve_device(settings.device), settings.cpu_threads)
@@ -186,29 +269,51 @@ def classify_stream(
     def read_batch(batch: list[int], pool: ThreadPoolExecutor) -> list[Future[np.ndarray]]:
         return [pool.submit(read_tile, i) for i in batch]
 
+    cuda = _CudaPipeline(model, batch_size, tile) if model.cuda else None
+    waited = 0.0
+
+    def finish(start: int, probabilities: np.ndarray) -> None:
+        out[start : start + len(probabilities)] = probabilities
+        if on_probabilities is not None:
+            on_probabilities(start, out[start : start + len(probabilities)])
+        if on_batch is not None:
+            on_batch(len(probabilities))
+
     with ThreadPoolExecutor(max_workers=settings.readers, thread_name_prefix="wsiflow-reader") as pool:
         pending: deque[list[Future[np.ndarray]]] = deque()
         next_batch = 0
         done = 0
+        in_flight: tuple[int, tuple[torch.Tensor, torch.cuda.Event, torch.cuda.Event, torch.cuda.Event]] | None = None
         try:
             for batch in batches:
                 while next_batch < len(batches) and len(pending) < settings.prefetch_batches + 1:
                     pending.append(read_batch(batches[next_batch], pool))
                     next_batch += 1
                 futures = pending.popleft()
-                tiles = np.empty((len(batch), tile, tile, 3), dtype=np.uint8)
+                tiles = (cuda.host_buffer(len(batch)) if cuda is not None
+                         else np.empty((len(batch), tile, tile, 3), dtype=np.uint8))
+                wait_start = time.perf_counter()
                 for k, future in enumerate(futures):
                     tiles[k] = future.result()
-                out[done : done + len(batch)] = model(tiles)
-                if on_probabilities is not None:
-                    on_probabilities(done, out[done : done + len(batch)])
+                waited += time.perf_counter() - wait_start
+                if cuda is None:
+                    finish(done, model(tiles))
+                else:
+                    # Queue this batch, then collect the previous one while this one computes.
+                    handle = cuda.submit(len(batch))
+                    if in_flight is not None:
+                        finish(in_flight[0], cuda.collect(in_flight[1]))
+                    in_flight = (done, handle)
                 done += len(batch)
-                if on_batch is not None:
-                    on_batch(len(batch))
+            if cuda is not None and in_flight is not None:
+                finish(in_flight[0], cuda.collect(in_flight[1]))
         finally:
             for futures in pending:
                 for future in futures:
                     future.cancel()
+    if stats is not None:
+        stats.tiles, stats.wall_s, stats.wait_for_readers_s = len(indices), time.perf_counter() - started, waited
+        stats.gpu_busy_s = cuda.busy_s if cuda is not None else None
     return out
 
 

@@ -100,7 +100,12 @@ def write_overview(
     h_um, w_um = thumbnail.shape[0] * thumbnail_mpp, thumbnail.shape[1] * thumbnail_mpp
     aspect = h_um / max(w_um, 1e-9)
     fig_w = 8.0
-    fig, ax = plt.subplots(figsize=(fig_w, max(3.0, min(12.0, fig_w * aspect * 0.9))))
+    fig_h = max(3.0, min(12.0, fig_w * aspect * 0.9))
+    fig, ax = plt.subplots(figsize=(fig_w, fig_h))
+    # Fixed margins (inches) for the axis labels, the two-line title and the colour bar's
+    # label, instead of tight_layout(), which draws the whole figure once more to measure it
+    # (a quarter of the overview's time).
+    fig.subplots_adjust(left=0.85 / fig_w, right=1 - 0.75 / fig_w, bottom=0.6 / fig_h, top=1 - 0.6 / fig_h)
     ax.imshow(_grey(thumbnail), cmap="gray", vmin=0, vmax=255, extent=(0, w_um, h_um, 0))
     cmap = _colormap()
     if note is None:
@@ -121,6 +126,8 @@ def write_overview(
     ax.set_title(title, fontsize=10)
     bar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), ax=ax, fraction=0.046, pad=0.04)
     bar.set_label(f"P({class_name})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata={"Title": title, "Description": note or f"P({class_name})"})
+    # zlib level 1: lossless either way, and a greyscale photo of tissue barely compresses
+    # better at the default level 6, which took a third of the overview's time.
+    fig.savefig(path, dpi=110, metadata={"Title": title, "Description": note or f"P({class_name})"},
+                pil_kwargs={"compress_level": 1})
     plt.close(fig)

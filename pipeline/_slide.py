@@ -18,6 +18,7 @@ from PIL import Image
 
 from ._backend import BackendName, SlideBackend, open_backend
 from ._errors import CorruptSlideError, UnsupportedSlideError
+from ._jpeg_tiles import DirectReadError, JpegTileReader, open_jpeg_tiles
 from ._mpp import MppPolicy, MppResolution, resolve_mpp
 
 __all__ = ["SlideInfo", "Slide", "open_slide", "slide_info", "backend_mpp", "MAX_RENDER_PIXELS",
@@ -41,6 +42,8 @@ resizing it); reads of a level far finer than the rendering are cut into smaller
 MAX_EXTENT_MM = 300.0
 """Largest side a slide may claim at its µm/px: no glass slide (whole-mount ones included) is
 longer; more comes from a damaged header or a wrong µm/px."""
+_DIRECT_FILTER = Image.Resampling.LANCZOS
+"""The filter that resizes DCT-scaled pixels to the output (the same as the backend path's)."""
 _LEVEL_CHECK_PX = 64  # side of the patch compared between a pyramid level and level 0
 _LEVEL_CHECK_MAX_L0_PX = 4096
 _LEVEL_CHECK_MAX_DIFF = 24.0  # mean abs RGB difference; JPEG pyramids differ by < 8
@@ -88,11 +91,23 @@ def slide_info(backend: SlideBackend) -> SlideInfo:
 class Slide:
     """An open slide with a known physical scale; use as a context manager."""
 
-    def __init__(self, backend: SlideBackend, mpp: MppResolution) -> None:
+    def __init__(self, backend: SlideBackend, mpp: MppResolution, *, direct_reader: bool = True) -> None:
         self.backend = backend
         self.mpp = mpp
         self.info = slide_info(backend)
         self._level_ok: dict[int, bool] = {0: True}
+        # JPEG-tiled TIFF levels are decoded directly (DCT-scaled) unless asked not to.
+        self._direct: JpegTileReader | None = (
+            open_jpeg_tiles(getattr(backend, "path", None), backend.vendor, backend.level_dimensions)
+            if direct_reader else None
+        )
+
+    @property
+    def reader(self) -> str:
+        """Which code decodes the pixels: the backend's name, plus the direct JPEG reader's
+        name and version when it reads some levels. Part of a run's key: pixels may differ
+        slightly between readers, and resuming relies on bit-identical tiles."""
+        return self.info.backend if self._direct is None else f"{self.info.backend}+{self._direct.name}"
 
     def __enter__(self) -> Slide:
         return self
@@ -106,6 +121,8 @@ class Slide:
         self.close()
 
     def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
         self.backend.close()
 
     @property
@@ -162,6 +179,11 @@ class Slide:
 
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         """Pixels of ``level`` as RGB uint8 (height, width, 3); (x, y) at level 0."""
+        self._check_read_size(level, width, height)
+        return self.backend.read_region(x, y, level, width, height)
+
+    @staticmethod
+    def _check_read_size(level: int, width: int, height: int) -> None:
         if width * height > MAX_READ_PIXELS:
             # Refuse instead of letting the reader allocate gigabytes (or abort in g_malloc).
             raise UnsupportedSlideError(
@@ -169,7 +191,6 @@ class Slide:
                 "pyramid level near the requested resolution",
                 hint="convert the slide to a pyramidal format (e.g. with vips tiffsave --pyramid --tile)",
             )
-        return self.backend.read_region(x, y, level, width, height)
 
     def read_region_at_mpp(
         self, x: float, y: float, width_px: int, height_px: int, target_mpp: float
@@ -206,6 +227,16 @@ class Slide:
             and math.isclose(lx, round(lx), abs_tol=1e-6)
             and math.isclose(ly, round(ly), abs_tol=1e-6)
         )
+        direct = self._direct
+        if direct is not None and direct.supports(level):
+            try:
+                if exact:
+                    self._check_read_size(level, width_px, height_px)
+                    return direct.read(level, round(lx), round(ly), width_px, height_px, 1)
+                return self._read_direct(direct, level, (lx, ly, lw, lh), width_px, height_px)
+            except DirectReadError as exc:
+                # A damaged tile: the backend decides (it may still decode it, or say why not).
+                _log.debug("direct read of level %d failed (%s); reading through the backend", level, exc)
         if exact:
             return self.read_region(round(lx * ds), round(ly * ds), level, width_px, height_px)
         # Read a margin around the box so the resampling filter sees real neighbours.
@@ -219,6 +250,22 @@ class Slide:
         resized = Image.fromarray(pixels).resize(
             (width_px, height_px), Image.Resampling.LANCZOS, box=box
         )
+        return np.asarray(resized)
+
+    def _read_direct(self, direct: JpegTileReader, level: int, box_l: tuple[float, float, float, float],
+                     width_px: int, height_px: int) -> np.ndarray:
+        """Like the resize path of :meth:`_read_at_mpp_from`, from tiles decoded at the coarsest
+        DCT scale that still has at least as many pixels as the output."""
+        lx, ly, lw, lh = box_l
+        d = direct.denominator_for(level, min(lw / width_px, lh / height_px))
+        sx, sy, sw, sh = lx / d, ly / d, lw / d, lh / d  # the box in decoded pixels
+        margin = 3 * math.ceil(max(sw / width_px, sh / height_px, 1.0)) + 1
+        ix0, iy0 = math.floor(sx) - margin, math.floor(sy) - margin
+        ix1, iy1 = math.ceil(sx + sw) + margin, math.ceil(sy + sh) + margin
+        self._check_read_size(level, ix1 - ix0, iy1 - iy0)
+        pixels = direct.read(level, ix0, iy0, ix1 - ix0, iy1 - iy0, d)
+        box = (sx - ix0, sy - iy0, sx - ix0 + sw, sy - iy0 + sh)
+        resized = Image.fromarray(pixels).resize((width_px, height_px), _DIRECT_FILTER, box=box)
         return np.asarray(resized)
 
     def thumbnail_shape(self, mpp: float) -> tuple[int, int]:
@@ -324,12 +371,15 @@ def open_slide(
     *,
     backend: BackendName = "auto",
     mpp_policy: MppPolicy | None = None,
+    direct_reader: bool = True,
 ) -> Slide:
-    """Open a slide for analysis; raises :class:`MissingMppError` when its scale is unknown."""
+    """Open a slide for analysis; raises :class:`MissingMppError` when its scale is unknown.
+
+    ``direct_reader=False`` reads every level through the backend (see :attr:`Slide.reader`)."""
     opened = open_backend(path, backend)
     try:
         resolution = backend_mpp(opened, path, mpp_policy)
     except BaseException:
         opened.close()
         raise
-    return Slide(opened, resolution)
+    return Slide(opened, resolution, direct_reader=direct_reader)

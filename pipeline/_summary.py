@@ -34,7 +34,7 @@ class SummaryInputs:
     mask: TissueMask
     engine: EngineSettings
     device: str
-    timings: dict[str, float | int | None]
+    timings: dict[str, object]
     regions: int
     chunk_cells: int
     """The block edge the slide was cut with (``params.chunk_cells``, or chosen per slide)."""
@@ -111,6 +111,7 @@ def build_summary(inputs: SummaryInputs) -> dict[str, Any]:
                       "levels": len(slide.info.level_dimensions), "vendor": slide.info.vendor,
                       "objective_power": slide.info.objective_power},
             "backend": slide.info.backend,
+            "reader": slide.reader,
             "device": inputs.device,
         },
     }
