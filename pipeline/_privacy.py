@@ -35,6 +35,9 @@ OFFLINE_ENV: dict[str, str] = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
+    # Flower (wsiflow federate): no usage telemetry, no release check.
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
 }
 """Environment defaults that keep every dependency off the network."""
 

@@ -3,12 +3,15 @@
 The outer test (root + ``unshare`` needed, else skipped with the reason) re-runs a set of
 real tests inside ``unshare --net``: ``make demo``, a flow on a real Prefect server, a
 multi-process Dask run and the napari reader. Anything that needed the internet fails
-there. The inner-only tests below check the namespace itself and run the demo.
+there. The inner-only tests below check the namespace itself and run the demo. A second
+outer test (also skipped when Orthanc is not installed) runs the hospital loop there: a
+real Orthanc on loopback, ``wsiflow pacs watch --once``, the results found back in the study.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -16,6 +19,7 @@ import sys
 
 import pytest
 
+from tests._orthanc import orthanc_missing, running_orthanc
 from tests.conftest import ROOT, shared_file
 
 INSIDE = os.environ.get("WSIFLOW_INSIDE_OFFLINE_NETNS") == "1"
@@ -40,17 +44,13 @@ def _netns_unavailable() -> str | None:
     return None
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(INSIDE, reason="this is the outer test; it does not nest")
-def test_main_jobs_run_in_a_namespace_with_only_loopback(tmp_path):
-    reason = _netns_unavailable()
-    if reason:
-        pytest.skip(reason)
+def _run_inside(tests: list[str], basetemp: os.PathLike[str]) -> None:
+    """Run ``tests`` with pytest in a new network namespace that has only loopback; all must pass."""
     env = {**os.environ, "WSIFLOW_INSIDE_OFFLINE_NETNS": "1"}
     command = [
         "unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
-        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "inner"),
-        "-o", "addopts=-ra", *INNER_TESTS,
+        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(basetemp),
+        "-o", "addopts=-ra", *tests,
     ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     tail = (done.stdout + done.stderr)[-4000:]
@@ -59,6 +59,26 @@ def test_main_jobs_run_in_a_namespace_with_only_loopback(tmp_path):
     assert "failed" not in summary and "error" not in summary, tail
     # Skips inside would hide a missing proof: every inner test must actually have run.
     assert "skipped" not in summary, f"tests were skipped inside the namespace:\n{tail}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INSIDE, reason="this is the outer test; it does not nest")
+def test_main_jobs_run_in_a_namespace_with_only_loopback(tmp_path):
+    reason = _netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    _run_inside(INNER_TESTS, tmp_path / "inner")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INSIDE, reason="this is the outer test; it does not nest")
+def test_the_pacs_loop_runs_in_a_namespace_with_only_loopback(tmp_path):
+    reason = _netns_unavailable() or orthanc_missing()
+    if reason:
+        pytest.skip(reason)
+    shared_file("dicom/cmu-1-small-region-lossless")  # skip here, with the reason, rather than inside
+    _run_inside(["tests/test_offline.py::test_namespace_has_only_loopback",
+                 "tests/test_offline.py::test_pacs_loop_runs_offline"], tmp_path / "inner")
 
 
 @pytest.mark.skipif(not INSIDE, reason="runs only inside the offline network namespace")
@@ -93,3 +113,27 @@ def test_make_demo_runs_offline(tmp_path):
     latest = results[0].parent.parent / "latest"
     assert latest.is_symlink() and latest.resolve() == results[0].parent.resolve()
     assert "creating .venv" not in done.stdout, "make demo tried to (re)install: the venv was not up to date"
+
+
+@pytest.mark.skipif(not INSIDE, reason="runs only inside the offline network namespace")
+def test_pacs_loop_runs_offline(tmp_path, wsiflow_cli):
+    from pipeline import ResultFolder, read_source_level0
+    from tests.test_pacs import _check_results, _stored_results
+
+    slide = shared_file("dicom/cmu-1-small-region-lossless")
+    source = read_source_level0(slide)
+    out = tmp_path / "out"
+    with running_orthanc(tmp_path / "orthanc") as archive:  # on 127.0.0.1: the only network there is
+        archive.upload(slide)
+        done = subprocess.run(
+            [*wsiflow_cli, "pacs", "watch", "--dicomweb", archive.dicomweb, "--once", "--settle-s", "0",
+             "--out", str(out), "--json"], capture_output=True, text=True, timeout=900,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        look = json.loads(done.stdout.strip().splitlines()[-1])
+        [slide_done] = look["slides"]
+        assert slide_done["status"] == "processed" and slide_done["stored"] == 2, look
+        folder = ResultFolder.find(out / slide_done["slide_id"] / "tissue-qc")
+        assert folder is not None
+        seg, ann = _stored_results(archive, source.StudyInstanceUID)
+        _check_results(seg, ann, source, folder)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 # Not part of a source tree to build from: environments, caches, outputs of earlier builds.
 _NOT_SOURCE = shutil.ignore_patterns(
-    ".git", ".venv", ".cache", ".pytest_cache", ".hypothesis", ".mypy_cache", ".ruff_cache",
+    ".git", ".venv", ".venv-tools", ".cache", ".pytest_cache", ".hypothesis", ".mypy_cache", ".ruff_cache",
     "__pycache__", "*.egg-info", "build", "dist", "demo-out", "validation-*",
 )
 

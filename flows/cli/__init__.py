@@ -27,8 +27,10 @@ from ._batch import add_batch_parser, run_batch_command
 from ._common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, OneLineArgumentParser
 from ._deid import add_deid_parser, run_deid
 from ._export import add_export_parser, run_export
+from ._federate import add_federate_parser, run_federate
 from ._inspect import add_inspect_parser, run_inspect
 from ._models import add_models_parser, run_models
+from ._pacs import add_pacs_parser, run_pacs
 from ._retry import add_retry_parser, run_retry
 from ._run import add_run_parser, run_run
 from ._serve import add_serve_parser, add_server_parser, run_serve, run_server
@@ -52,7 +54,9 @@ _COMMANDS = {
     "train": run_train,
     "validate": run_validate,
     "export": run_export,
+    "federate": run_federate,
     "audit": run_audit,
+    "pacs": run_pacs,
 }
 
 
@@ -78,18 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(commands)
     add_validate_parser(commands)
     add_export_parser(commands)
+    add_federate_parser(commands)
     add_audit_parser(commands)
+    add_pacs_parser(commands)
     return parser
 
 
-_AUDITED_COMMANDS = frozenset({"run", "batch", "serve", "retry", "deid", "export"})
-_AUDITED_MODEL_ACTIONS = frozenset({"verify", "import", "remove", "promote"})
+_AUDITED_COMMANDS = frozenset({"run", "batch", "serve", "retry", "deid", "export", "train", "pacs", "federate"})
+_AUDITED_MODEL_ACTIONS = frozenset({"verify", "import", "remove", "promote", "rollback", "pack", "trust", "install"})
 
 
 def _acts_audited(args: argparse.Namespace) -> bool:
     """Whether the command records audit events (it then checks the log before acting)."""
     if args.command == "models":
+        if args.models_command == "trust":
+            return bool(args.trust_command != "list")
         return args.models_command in _AUDITED_MODEL_ACTIONS
+    if args.command == "validate":
+        return bool(args.record)  # only a recorded validation changes what promote may do
     return args.command in _AUDITED_COMMANDS
 
 

@@ -1,7 +1,9 @@
 """``wsiflow export``: copy a result's shareable files out of the site, recorded in the audit log.
 
 Exported: the summary, class-region GeoJSON, tile table and review (pseudonymous IDs,
-digests and numbers only, never paths).
+digests and numbers only, never paths). ``--dicom`` instead writes the result as DICOM
+objects filed with its DICOM-WSI source (a Segmentation and Microscopy Bulk Simple
+Annotations, see docs/pacs.md): those carry the source's patient and study, by design.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline import NotAResultError, OutputError, ResultFolder
+from pipeline import ConfigError, NotAResultError, OutputError, ResultFolder, is_dicom_folder, write_dicom_results
 from privacy import audit_event
 
 from .._config import WsiflowConfig
 from ._common import EXIT_OK
 
-__all__ = ["add_export_parser", "run_export", "export_result"]
+__all__ = ["add_export_parser", "run_export", "export_result", "export_dicom"]
 
 
 def add_export_parser(commands: argparse._SubParsersAction) -> None:
@@ -38,6 +40,12 @@ def add_export_parser(commands: argparse._SubParsersAction) -> None:
     )
     export.add_argument("--out", type=Path, required=True, metavar="DIR")
     export.add_argument("--keep-comments", action="store_true", help="keep review comments and reviewer names")
+    export.add_argument(
+        "--dicom", action="store_true",
+        help="write the result as DICOM (Segmentation + Bulk Annotations) on the frame of reference of --source",
+    )
+    export.add_argument("--source", type=Path, metavar="DICOM_DIR",
+                        help="with --dicom: the DICOM-WSI folder the result was computed from")
     export.add_argument("--json", action="store_true")
 
 
@@ -116,7 +124,34 @@ def export_result(result_dir: Path, out_dir: Path, *, keep_comments: bool = Fals
     return target
 
 
+def export_dicom(result_dir: Path, source: Path, out_dir: Path) -> list[Path]:
+    """Write the DICOM objects of ``result_dir`` (computed from the DICOM-WSI ``source``) into ``out_dir``."""
+    folder = ResultFolder.find(result_dir)
+    if folder is None or not folder.is_complete():
+        raise NotAResultError("not a complete wsiflow result folder")
+    if not (source.is_dir() and is_dicom_folder(source)):
+        raise NotAResultError("--source is not a DICOM-WSI folder",
+                              hint="give the DICOM-WSI folder the result was computed from")
+    summary = folder.read_summary()
+    try:
+        paths = write_dicom_results(folder, source, out_dir)
+    except OSError as exc:
+        raise OutputError(f"writing the DICOM objects failed: {exc.strerror or type(exc).__name__}") from None
+    audit_event("export", slide_id=summary.slide_id, model_digest=summary.model.sha256,
+                params={"files": sorted(p.name for p in paths), "format": "dicom"})
+    return paths
+
+
 def run_export(args: argparse.Namespace, config: WsiflowConfig) -> int:
+    if args.dicom:
+        if args.source is None:
+            raise ConfigError("--dicom needs --source", hint="add --source DICOM_DIR (the slide's DICOM-WSI folder)")
+        paths = export_dicom(args.result, args.source, args.out)
+        if args.json:
+            print(json.dumps({"exported": str(args.out), "files": [p.name for p in paths]}, indent=2))
+        else:
+            print(f"exported {', '.join(p.name for p in paths)} to {args.out}", file=sys.stdout)
+        return EXIT_OK
     target = export_result(args.result, args.out, keep_comments=args.keep_comments)
     files = sorted(p.name for p in target.iterdir())
     if args.json:
