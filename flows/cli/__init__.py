@@ -103,12 +103,19 @@ def _acts_audited(args: argparse.Namespace) -> bool:
     return args.command in _AUDITED_COMMANDS
 
 
+def _serves_deployment(args: argparse.Namespace) -> bool:
+    """Whether the command serves a Prefect deployment, whose run logs then show on the console."""
+    if args.command == "serve":
+        return True
+    return bool(args.command == "pacs" and args.pacs_command == "watch" and not args.once)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``wsiflow`` console script."""
     apply_offline_env()
     args = build_parser().parse_args(argv)
     configure_logging(logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
-                      run_logs=args.command == "serve")
+                      run_logs=_serves_deployment(args))
     try:
         config = load_config(args.config)
         if _acts_audited(args):
