@@ -7,6 +7,7 @@ The command line overrides the file (see ``flows.cli``'s settings builder).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,11 +29,17 @@ from pipeline import (
     from_data,
 )
 
+from ._federate import FederationSettings, Strategy
+
 __all__ = [
     "WsiflowConfig",
     "ModelsConfig",
     "AnalysisConfig",
     "DaskConfig",
+    "FederationConfig",
+    "FederationServeConfig",
+    "FederationJoinConfig",
+    "check_host_port",
     "load_config",
     "parse_config",
     "default_config_text",
@@ -115,6 +122,111 @@ class DaskConfig:
             )
 
 
+def check_host_port(value: str, where: str) -> str:
+    """``value`` if it is ``HOST:PORT`` (``[IPv6]:PORT`` too, port 1-65535), else :class:`ConfigError`."""
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]@]+):(\d{1,5})", value)
+    if match is None or not 1 <= int(match.group(2)) <= 65535:
+        raise ConfigError(f"{where} {value!r} is not HOST:PORT",
+                          hint="e.g. 127.0.0.1:9092, coordinator.example:9092 or [::]:9092")
+    return value
+
+
+_FED = FederationSettings()
+
+
+@dataclass(frozen=True)
+class FederationServeConfig:
+    """Defaults of ``wsiflow federate serve`` (the coordinator); each option overrides its key."""
+
+    model: str | None = None
+    """The base model every site has, NAME@VERSION (--model); None: the option is needed."""
+    address: str = "127.0.0.1:8080"
+    """HOST:PORT the coordinator listens on (--address)."""
+    rounds: int = _FED.rounds
+    min_sites: int = _FED.min_sites
+    """Sites a round needs: fewer updates leave the global model unchanged (--min-sites)."""
+    strategy: Strategy = _FED.strategy
+    proximal_mu: float = _FED.proximal_mu
+    """FedProx proximal term; must be > 0 with strategy fedprox (--proximal-mu)."""
+    local_epochs: int = _FED.local_epochs
+    learning_rate: float = _FED.learning_rate
+    batch_size: int = _FED.batch_size
+    seed: int = _FED.seed
+    dp_clip: float | None = None
+    """Clip each site's update to this L2 norm (differential privacy); None: no DP (--dp-clip)."""
+    dp_noise: float = 0.0
+    """Gaussian noise std in units of dp_clip (--dp-noise)."""
+    round_timeout_s: float = _FED.round_timeout_s
+    tls_ca_file: Path | None = None
+    """The CA that signed the coordinator's certificate (PEM; --tls-ca)."""
+    tls_cert_file: Path | None = None
+    """The coordinator's certificate (PEM; --tls-cert)."""
+    tls_key_file: Path | None = None
+    """Its private key (PEM; --tls-key)."""
+
+    def __post_init__(self) -> None:
+        where = "federation.serve"
+        if self.model is not None and "@" not in self.model:
+            raise ConfigError(f"{where}.model {self.model!r} must name a version (NAME@VERSION)",
+                              hint="every site needs the same version, e.g. tissue-qc@3")
+        check_host_port(self.address, f"{where}.address")
+        for key in ("rounds", "min_sites", "local_epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{where}.{key} = {getattr(self, key)} must be at least 1")
+        for key in ("learning_rate", "round_timeout_s"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) > 0):
+                raise ConfigError(f"{where}.{key} = {getattr(self, key)} must be a positive number")
+        for key in ("proximal_mu", "dp_noise"):
+            if not (math.isfinite(getattr(self, key)) and getattr(self, key) >= 0):
+                raise ConfigError(f"{where}.{key} = {getattr(self, key)} must be 0 or a positive number")
+        if self.dp_clip is not None and not (math.isfinite(self.dp_clip) and self.dp_clip > 0):
+            raise ConfigError(f"{where}.dp_clip = {self.dp_clip} must be a positive number",
+                              hint="e.g. dp_clip: 1.0, or null for no differential privacy")
+        if self.strategy == "fedprox" and self.proximal_mu <= 0:
+            raise ConfigError(f"{where}.strategy is fedprox but {where}.proximal_mu is {self.proximal_mu}",
+                              hint="FedProx needs proximal_mu > 0, e.g. 0.01 (or strategy: fedavg)")
+        if self.dp_noise > 0 and self.dp_clip is None:
+            raise ConfigError(f"{where}.dp_noise = {self.dp_noise} needs {where}.dp_clip (noise is scaled by it)",
+                              hint="set dp_clip, e.g. 1.0, or dp_noise: 0")
+
+
+@dataclass(frozen=True)
+class FederationJoinConfig:
+    """Defaults of ``wsiflow federate join`` (one site); each option overrides its key."""
+
+    server: str | None = None
+    """The coordinator, HOST:PORT (--server); None: the option is needed."""
+    model: str | None = None
+    """The base model in this site's registry (--model); None: the option is needed."""
+    name: str | None = None
+    """Registry name of the federated candidate (--name); None: the option is needed."""
+    tls_ca_file: Path | None = None
+    """The CA that signed the coordinator's certificate (PEM; --tls-ca)."""
+    per_class: int = 200
+    """Training patches sampled per class from the reviewed annotations (--per-class)."""
+    seed: int = 0
+    keep_payloads: bool = False
+    """Keep every outgoing message's exact bytes in the site dir, for a payload audit (--keep-payloads)."""
+
+    def __post_init__(self) -> None:
+        where = "federation.join"
+        if self.server is not None:
+            check_host_port(self.server, f"{where}.server")
+        if self.per_class < 1:
+            raise ConfigError(f"{where}.per_class = {self.per_class} must be at least 1")
+        for key in ("model", "name"):
+            if getattr(self, key) == "":
+                raise ConfigError(f"{where}.{key} is empty", hint="give a value, or null to require the option")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """``wsiflow federate``: the coordinator's and a site's defaults (a machine usually has one)."""
+
+    serve: FederationServeConfig = field(default_factory=FederationServeConfig)
+    join: FederationJoinConfig = field(default_factory=FederationJoinConfig)
+
+
 @dataclass(frozen=True)
 class WsiflowConfig:
     """Everything a site configures, validated."""
@@ -127,6 +239,7 @@ class WsiflowConfig:
     mpp_overrides: tuple[MppOverride, ...] = ()
     models: ModelsConfig = field(default_factory=ModelsConfig)
     dask: DaskConfig = field(default_factory=DaskConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
     isolate: bool = True
     """Analyse each slide of ``run`` in a child process (a native crash fails one slide)."""
 

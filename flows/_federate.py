@@ -48,9 +48,11 @@ from privacy import audit_event
 
 __all__ = [
     "FLOWER_OFFLINE_ENV",
+    "STRATEGIES",
     "FederationSettings",
     "RoundStats",
     "SiteOutcome",
+    "Strategy",
     "TlsFiles",
     "join_federation",
     "serve_federation",
@@ -86,7 +88,8 @@ class TlsFiles:
     def server_tuple(self) -> tuple[bytes, bytes, bytes]:
         if self.certificate is None or self.key is None:
             raise FederationError("the coordinator needs its TLS certificate and key",
-                                  hint="pass --tls-cert and --tls-key (and --tls-ca)")
+                                  hint="pass --tls-cert and --tls-key (and --tls-ca), or set federation.serve.tls_* "
+                                       "in the config")
         return (self._read(self.ca), self._read(self.certificate), self._read(self.key))
 
     @staticmethod
@@ -95,7 +98,7 @@ class TlsFiles:
             return path.read_bytes()
         except OSError as exc:
             raise FederationError(f"a TLS file cannot be read ({exc.strerror or type(exc).__name__})",
-                                  hint="check the --tls-* paths") from None
+                                  hint="check the --tls-* paths (or the config's federation.*.tls_* keys)") from None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -81,11 +82,14 @@ def _write_tiff(path: Path, image: np.ndarray, mpp: float) -> None:
                          description=f"scanned by {SENTINEL}" if level == 0 else None)
 
 
-def make_sites(root: Path, tissue_image: Path, seed: int = 0) -> list[SiteData]:
-    """One slide and one reviewed annotation file per site under ``root/<site>/``."""
+def make_sites(root: Path, tissue_image: Path, seed: int = 0, names: Sequence[str] | None = None) -> list[SiteData]:
+    """One slide and one reviewed annotation file per site under ``root/<site>/`` (only ``names``
+    when given: each site's data is the same either way)."""
     source = np.asarray(Image.open(tissue_image).convert("RGB"))
     sites = []
     for k, (name, kinds) in enumerate(_SITE_CLASSES.items()):
+        if names is not None and name not in names:
+            continue
         rng = np.random.default_rng(seed + k)
         canvas = np.concatenate([_region(kind, source, rng, _REGION_PX) for kind in kinds], axis=1)
         folder = root / name

@@ -75,6 +75,16 @@ def test_override_force_must_be_a_boolean():
         ("- just a list", "mapping"),
         ("grid: [1, 2]", "mapping"),
         ("grid: {tile_size_px: 224", "YAML"),
+        ("federation: {serve: {rounds: 0}}", "federation.serve.rounds"),
+        ("federation: {serve: {strategy: fedsgd}}", "fedsgd"),
+        ("federation: {serve: {strategy: fedprox}}", "federation.serve.proximal_mu"),
+        ("federation: {serve: {dp_noise: 0.5}}", "federation.serve.dp_clip"),
+        ("federation: {serve: {model: fedbase}}", "NAME@VERSION"),
+        ("federation: {serve: {address: 'https://x:80'}}", "HOST:PORT"),
+        ("federation: {join: {server: 'coordinator'}}", "federation.join.server"),
+        ("federation: {join: {per_class: 0}}", "federation.join.per_class"),
+        ("federation: {join: {keep_payloads: yes please}}", "keep_payloads"),
+        ("federation: {rounds: 3}", "rounds"),
     ],
 )
 def test_bad_configs_name_the_bad_value(tmp_path, text, match):
@@ -87,3 +97,40 @@ def test_bad_configs_name_the_bad_value(tmp_path, text, match):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/wsiflow.yaml")
+
+
+def test_federation_config_reaches_serve_and_join(tmp_path):
+    """Built-in defaults < config federation.* < command line, without starting Flower."""
+    from flows.cli import build_parser
+    from flows.cli._federate import join_plan, serve_plan
+
+    path = tmp_path / "site.yaml"
+    path.write_text(
+        "federation:\n"
+        "  serve: {model: fedbase@2, address: '0.0.0.0:9092', rounds: 5, min_sites: 3, strategy: fedprox,\n"
+        "          proximal_mu: 0.01, dp_clip: 1.5, dp_noise: 0.1, tls_ca_file: ca.pem, tls_cert_file: s.pem,\n"
+        "          tls_key_file: s.key}\n"
+        "  join: {server: 'coordinator.example:9092', model: fedbase@2, name: fedqc, tls_ca_file: ca.pem,\n"
+        "         per_class: 50, keep_payloads: true}\n"
+    )
+    config = load_config(path)
+    parser = build_parser()
+    serve = serve_plan(parser.parse_args(["federate", "serve", "--rounds", "2", "--tls-key", "k.pem"]), config)
+    assert (serve.model, serve.address) == ("fedbase@2", "0.0.0.0:9092")
+    s = serve.settings
+    assert (s.rounds, s.min_sites, s.strategy, s.proximal_mu, s.local_epochs) == (2, 3, "fedprox", 0.01, 2)
+    assert (s.privacy.clip_norm, s.privacy.noise_multiplier) == (1.5, 0.1)
+    assert (serve.tls.ca, serve.tls.certificate, serve.tls.key) == (Path("ca.pem"), Path("s.pem"), Path("k.pem"))
+    no_dp = serve_plan(parser.parse_args(["federate", "serve", "--dp-clip", "0", "--dp-noise", "0"]), config)
+    assert not no_dp.settings.privacy.enabled
+    join = join_plan(parser.parse_args(["federate", "join", "--slides", "a.tiff", "--annotations", "a.geojson",
+                                        "--no-keep-payloads", "--name", "other"]), config)
+    assert (join.server, join.model, join.name, join.tls.ca) == ("coordinator.example:9092", "fedbase@2", "other",
+                                                                 Path("ca.pem"))
+    assert (join.per_class, join.seed, join.keep_payloads) == (50, 0, False)
+    # Options and config together must still fit, and a needed value names both places.
+    with pytest.raises(ConfigError, match="FedProx"):
+        serve_plan(parser.parse_args(["federate", "serve", "--proximal-mu", "0"]), config)
+    with pytest.raises(ConfigError, match="--server") as info:
+        join_plan(parser.parse_args(["federate", "join", "--slides", "a", "--annotations", "b"]), WsiflowConfig())
+    assert "federation.join.server" in info.value.one_line()

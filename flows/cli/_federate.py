@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
-from models import PrivacySettings, annotated_dataset, check_training_inputs
+from models import FederationError, PrivacySettings, annotated_dataset, check_training_inputs
 from pipeline import ConfigError, MppPolicy
 from privacy import audit_event, check_audit_log
 
-from .._config import WsiflowConfig
-from .._federate import FederationSettings, TlsFiles, join_federation, serve_federation, settings_json
-from ._common import EXIT_OK, mpp_arg
+from .._config import WsiflowConfig, check_host_port
+from .._federate import (
+    STRATEGIES,
+    FederationSettings,
+    TlsFiles,
+    join_federation,
+    serve_federation,
+    settings_json,
+)
+from ._common import EXIT_OK, mpp_arg, positive_int
 from ._models import registry_for
 
-__all__ = ["add_federate_parser", "run_federate"]
+__all__ = ["JoinPlan", "ServePlan", "add_federate_parser", "join_plan", "run_federate", "serve_plan"]
+
+T = TypeVar("T")
 
 
 def add_federate_parser(commands: argparse._SubParsersAction) -> None:
@@ -31,43 +42,126 @@ def add_federate_parser(commands: argparse._SubParsersAction) -> None:
         ),
     )
     actions = federate.add_subparsers(dest="federate_command", required=True, metavar="ACTION")
-    serve = actions.add_parser("serve", help="coordinate the rounds (holds the base model, never data)")
-    serve.add_argument("--model", required=True, metavar="NAME@VERSION", help="the base model every site has")
-    serve.add_argument("--address", default="127.0.0.1:8080", metavar="HOST:PORT")
-    serve.add_argument("--rounds", type=int, default=3)
-    serve.add_argument("--min-sites", type=int, default=2,
-                       help="sites a round needs: fewer updates leave the global model unchanged")
-    serve.add_argument("--strategy", choices=("fedavg", "fedprox"), default="fedavg")
-    serve.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx proximal term (e.g. 0.01)")
-    serve.add_argument("--local-epochs", type=int, default=2)
-    serve.add_argument("--learning-rate", type=float, default=2e-3)
-    serve.add_argument("--batch-size", type=int, default=32, help="local training batch size")
-    serve.add_argument("--seed", type=int, default=0)
-    serve.add_argument("--dp-clip", type=float, help="clip each site's update to this L2 norm (DP)")
-    serve.add_argument("--dp-noise", type=float, default=0.0, help="Gaussian noise std, in units of --dp-clip")
-    serve.add_argument("--round-timeout", type=float, default=600.0, metavar="S")
-    serve.add_argument("--tls-ca", type=Path, required=True, metavar="PEM")
-    serve.add_argument("--tls-cert", type=Path, required=True, metavar="PEM")
-    serve.add_argument("--tls-key", type=Path, required=True, metavar="PEM")
+    # Every option but the per-run ones has a config key (federation.serve.* / federation.join.*):
+    # defaults here are None, so a value given on the command line is told apart from the config's.
+    serve = actions.add_parser("serve", help="coordinate the rounds (holds the base model, never data)",
+                               description="Options default to the config's federation.serve section.")
+    serve.add_argument("--model", metavar="NAME@VERSION", help="the base model every site has (needed)")
+    serve.add_argument("--address", metavar="HOST:PORT", help="listen here (default 127.0.0.1:8080)")
+    serve.add_argument("--rounds", type=positive_int, help="default 3")
+    serve.add_argument("--min-sites", type=positive_int,
+                       help="sites a round needs: fewer updates leave the global model unchanged (default 2)")
+    serve.add_argument("--strategy", choices=STRATEGIES, help="default fedavg")
+    serve.add_argument("--proximal-mu", type=float, help="FedProx proximal term (e.g. 0.01)")
+    serve.add_argument("--local-epochs", type=positive_int, help="default 2")
+    serve.add_argument("--learning-rate", type=float, help="default 0.002")
+    serve.add_argument("--batch-size", type=positive_int, help="local training batch size (default 32)")
+    serve.add_argument("--seed", type=int)
+    serve.add_argument("--dp-clip", type=float,
+                       help="clip each site's update to this L2 norm (DP); 0: no DP, whatever the config says")
+    serve.add_argument("--dp-noise", type=float, help="Gaussian noise std, in units of --dp-clip (default 0)")
+    serve.add_argument("--round-timeout", type=float, metavar="S", help="default 600")
+    serve.add_argument("--tls-ca", type=Path, metavar="PEM", help="the CA of the coordinator's certificate (needed)")
+    serve.add_argument("--tls-cert", type=Path, metavar="PEM", help="the coordinator's certificate (needed)")
+    serve.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key (needed)")
     serve.add_argument("--report", type=Path, metavar="JSON", help="write per-round statistics here")
     serve.add_argument("--keep-round-models", type=Path, metavar="DIR",
                        help="save the global arrays after each round (round-N.npz), for benchmarks")
     serve.add_argument("--json", action="store_true")
-    join = actions.add_parser("join", help="train this site's part of each round")
-    join.add_argument("--server", required=True, metavar="HOST:PORT")
-    join.add_argument("--tls-ca", type=Path, required=True, metavar="PEM", help="the CA that signed the coordinator")
-    join.add_argument("--model", required=True, metavar="NAME@VERSION",
-                      help="the base model, from this site's registry (its weights must match the coordinator's)")
-    join.add_argument("--name", required=True, help="registry name of the federated candidate (a new version)")
+    join = actions.add_parser("join", help="train this site's part of each round",
+                              description="Options default to the config's federation.join section.")
+    join.add_argument("--server", metavar="HOST:PORT", help="the coordinator (needed)")
+    join.add_argument("--tls-ca", type=Path, metavar="PEM", help="the CA that signed the coordinator (needed)")
+    join.add_argument("--model", metavar="NAME@VERSION",
+                      help="the base model, from this site's registry (its weights must match the coordinator's; "
+                           "needed)")
+    join.add_argument("--name", help="registry name of the federated candidate, a new version (needed)")
     join.add_argument("--slides", nargs="+", type=Path, required=True, metavar="SLIDE")
     join.add_argument("--annotations", nargs="+", type=Path, required=True, metavar="GEOJSON",
                       help="reviewed annotations (review.geojson), one per slide, same order")
-    join.add_argument("--per-class", type=int, default=200, help="patches sampled per class (default 200)")
-    join.add_argument("--seed", type=int, default=0)
+    join.add_argument("--per-class", type=positive_int, help="patches sampled per class (default 200)")
+    join.add_argument("--seed", type=int)
     join.add_argument("--mpp", type=mpp_arg, metavar="X[,Y]", help="µm/px of the slides, overriding metadata")
-    join.add_argument("--keep-payloads", action="store_true",
+    join.add_argument("--keep-payloads", action=argparse.BooleanOptionalAction, default=None,
                       help="keep every outgoing message's exact bytes in the site dir (for a payload audit)")
     join.add_argument("--json", action="store_true")
+
+
+@dataclass(frozen=True)
+class ServePlan:
+    """What ``federate serve`` runs: the command line over the config's federation.serve."""
+
+    model: str
+    address: str
+    settings: FederationSettings
+    tls: TlsFiles
+
+
+@dataclass(frozen=True)
+class JoinPlan:
+    """What ``federate join`` runs: the command line over the config's federation.join."""
+
+    server: str
+    model: str
+    name: str
+    tls: TlsFiles
+    per_class: int
+    seed: int
+    keep_payloads: bool
+
+
+def _pick(option: T | None, configured: T | None, flag: str, key: str) -> T:
+    """The option if given, else the config's value; a needed value missing in both is refused."""
+    value = configured if option is None else option
+    if value is None:
+        raise ConfigError(f"{flag} is needed", hint=f"pass {flag} or set {key} in the config")
+    return value
+
+
+def serve_plan(args: argparse.Namespace, config: WsiflowConfig) -> ServePlan:
+    """The coordinator's settings: built-in defaults < config federation.serve < options."""
+    c = config.federation.serve
+    model = _pick(args.model, c.model, "--model", "federation.serve.model")
+    if "@" not in model:
+        raise ConfigError(f"--model {model!r} must name a version (NAME@VERSION): every site needs the same one")
+    address = check_host_port(_pick(args.address, c.address, "--address", "federation.serve.address"), "--address")
+    # --dp-clip 0 turns off the config's DP for this run (a clip norm of 0 means nothing else).
+    dp_clip = c.dp_clip if args.dp_clip is None else (args.dp_clip or None)
+    try:
+        settings = FederationSettings(
+            rounds=_given(args.rounds, c.rounds), min_sites=_given(args.min_sites, c.min_sites),
+            strategy=_given(args.strategy, c.strategy), proximal_mu=_given(args.proximal_mu, c.proximal_mu),
+            local_epochs=_given(args.local_epochs, c.local_epochs),
+            learning_rate=_given(args.learning_rate, c.learning_rate),
+            batch_size=_given(args.batch_size, c.batch_size), seed=_given(args.seed, c.seed),
+            privacy=PrivacySettings(dp_clip, _given(args.dp_noise, c.dp_noise)),
+            round_timeout_s=_given(args.round_timeout, c.round_timeout_s),
+        )
+    except FederationError as exc:  # the options and the config's keys together do not fit
+        raise ConfigError(exc.message, hint=f"{exc.hint} (or the config's federation.serve keys)") from None
+    tls = TlsFiles(_pick(args.tls_ca, c.tls_ca_file, "--tls-ca", "federation.serve.tls_ca_file"),
+                   _pick(args.tls_cert, c.tls_cert_file, "--tls-cert", "federation.serve.tls_cert_file"),
+                   _pick(args.tls_key, c.tls_key_file, "--tls-key", "federation.serve.tls_key_file"))
+    return ServePlan(model, address, settings, tls)
+
+
+def join_plan(args: argparse.Namespace, config: WsiflowConfig) -> JoinPlan:
+    """A site's settings: built-in defaults < config federation.join < options."""
+    c = config.federation.join
+    server = check_host_port(_pick(args.server, c.server, "--server", "federation.join.server"), "--server")
+    return JoinPlan(
+        server=server,
+        model=_pick(args.model, c.model, "--model", "federation.join.model"),
+        name=_pick(args.name, c.name, "--name", "federation.join.name"),
+        tls=TlsFiles(_pick(args.tls_ca, c.tls_ca_file, "--tls-ca", "federation.join.tls_ca_file")),
+        per_class=_given(args.per_class, c.per_class),
+        seed=_given(args.seed, c.seed),
+        keep_payloads=_given(args.keep_payloads, c.keep_payloads),
+    )
+
+
+def _given(option: T | None, configured: T) -> T:
+    return configured if option is None else option
 
 
 def run_federate(args: argparse.Namespace, config: WsiflowConfig) -> int:
@@ -78,20 +172,13 @@ def run_federate(args: argparse.Namespace, config: WsiflowConfig) -> int:
 
 
 def _serve(args: argparse.Namespace, config: WsiflowConfig) -> int:
-    if "@" not in args.model:
-        raise ConfigError(f"--model {args.model!r} must name a version (NAME@VERSION): every site needs the same one")
-    settings = FederationSettings(
-        rounds=args.rounds, min_sites=args.min_sites, strategy=args.strategy, proximal_mu=args.proximal_mu,
-        local_epochs=args.local_epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
-        seed=args.seed,
-        privacy=PrivacySettings(args.dp_clip, args.dp_noise), round_timeout_s=args.round_timeout,
-    )
-    tls = TlsFiles(args.tls_ca, args.tls_cert, args.tls_key)
+    plan = serve_plan(args, config)
+    settings, tls = plan.settings, plan.tls
     tls.server_tuple()  # readable before the model loads
-    base = registry_for(config).load(args.model)
+    base = registry_for(config).load(plan.model)
     audit_event("model-train", model_digest=base.manifest.weights_sha256,
                 params={"federation": "serve", **settings_json(settings)}, outcome="federation-started")
-    rounds, kept = serve_federation(base, settings, address=args.address, tls=tls,
+    rounds, kept = serve_federation(base, settings, address=plan.address, tls=tls,
                                     keep_round_models=args.keep_round_models is not None)
     completed = sum(r.aggregated for r in rounds)
     audit_event("model-train", model_digest=base.manifest.weights_sha256,
@@ -119,14 +206,15 @@ def _serve(args: argparse.Namespace, config: WsiflowConfig) -> int:
 
 
 def _join(args: argparse.Namespace, config: WsiflowConfig) -> int:
+    plan = join_plan(args, config)
     check_training_inputs(args.slides, args.annotations)  # before the base model loads
     registry = registry_for(config)
-    base = registry.load(args.model)
+    base = registry.load(plan.model)
     policy = MppPolicy(cli_mpp=args.mpp, overrides=config.mpp_overrides)
-    images, labels = annotated_dataset(args.slides, args.annotations, base.class_names, base, args.per_class,
-                                       args.seed, policy)
-    outcome = join_federation(base, registry, name=args.name, images=images, labels=labels, server=args.server,
-                              tls=TlsFiles(args.tls_ca), keep_payloads=args.keep_payloads)
+    images, labels = annotated_dataset(args.slides, args.annotations, base.class_names, base, plan.per_class,
+                                       plan.seed, policy)
+    outcome = join_federation(base, registry, name=plan.name, images=images, labels=labels, server=plan.server,
+                              tls=plan.tls, keep_payloads=plan.keep_payloads)
     result = {"ref": outcome.ref, "sha256": outcome.weights_sha256, "rounds_trained": outcome.rounds_trained,
               "messages_sent": outcome.messages_sent, "bytes_sent": outcome.bytes_sent,
               "candidate": True}
