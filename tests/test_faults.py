@@ -183,26 +183,33 @@ _CRASH_MARKER = "segv-on-read"
 
 class _SegfaultOnMarkedSlide(WorkerPlugin):
     """A WorkerPlugin: reading any region of a slide under a folder named ``_CRASH_MARKER``
-    dereferences NULL in native code (a real SIGSEGV that kills the worker process)."""
+    dereferences NULL in native code (a real SIGSEGV that kills the worker process). Both
+    read paths are wrapped: tiles come through ``read_region_at_mpp`` (the direct JPEG
+    reader never calls ``read_region``)."""
 
     name = "wsiflow-test-segfault"
 
     def setup(self, worker: object) -> None:
         from pipeline import _slide
 
-        original = _slide.Slide.read_region
-        if getattr(original, "_wrapped_for_segfault", False):
-            return
+        for method in ("read_region", "read_region_at_mpp"):
+            original = getattr(_slide.Slide, method)
+            if getattr(original, "_wrapped_for_segfault", False):
+                continue
+            setattr(_slide.Slide, method, _crashing(original))
 
-        def read_region(self, x, y, level, width, height):  # noqa: ANN001, ANN202
-            if _CRASH_MARKER in os.fspath(getattr(self.backend, "_path", "")):
-                import ctypes
 
-                ctypes.string_at(0)  # SIGSEGV inside libc, as a crashing decoder would
-            return original(self, x, y, level, width, height)
+def _crashing(original):  # noqa: ANN001, ANN202
+    def read(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        path = getattr(self.backend, "_path", None) or getattr(self.backend, "path", "")
+        if _CRASH_MARKER in os.fspath(path):
+            import ctypes
 
-        read_region._wrapped_for_segfault = True  # type: ignore[attr-defined]
-        _slide.Slide.read_region = read_region  # type: ignore[method-assign]
+            ctypes.string_at(0)  # SIGSEGV inside libc, as a crashing decoder would
+        return original(self, *args, **kwargs)
+
+    read._wrapped_for_segfault = True  # type: ignore[attr-defined]
+    return read
 
 
 @pytest.fixture(scope="module")
