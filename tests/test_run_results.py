@@ -72,7 +72,7 @@ def test_outputs_are_complete_valid_and_free_of_the_file_name(bundled, cmu_svs, 
     assert outcome.mpp is not None and outcome.mpp.source == "metadata"
     # OUT/<slide id>/<model>/v<version>-<params digest>/, with OUT/<slide id>/<model>/latest -> it.
     assert result.parent.parent == tmp_path / outcome.slide_id and result.parent.name == "tissue-qc"
-    assert re.fullmatch(r"v1-[0-9a-f]{12}", result.name), result.name
+    assert re.fullmatch(r"v2-[0-9a-f]{12}", result.name), result.name
     latest = ResultFolder.latest(tmp_path, outcome.slide_id, "tissue-qc")
     assert latest.path.is_symlink() and latest.path.resolve() == result.resolve()
     assert ResultFolder.find(tmp_path / outcome.slide_id).path.resolve() == result.resolve()
