@@ -46,6 +46,7 @@ from pipeline import (
 from privacy import check_audit_log
 
 from ._batch import batch_flow, save_batch
+from ._looks import look_run_name, look_state
 from ._slide_job import identify_jobs
 
 __all__ = [
@@ -399,17 +400,12 @@ def inbox_tick(inbox_id: str, *, log: LogTarget | None = None) -> InboxLook:
 
 
 def _run_name() -> str:
-    """``inbox-<inbox id>-<UTC start time>``: looks of one inbox told apart in the UI."""
-    from prefect.runtime import flow_run
-
-    inbox_id = flow_run.get_parameters().get("inbox_id")
-    shown = inbox_id if isinstance(inbox_id, str) and _INBOX_ID.fullmatch(inbox_id) else "invalid-id"
-    return f"inbox-{shown}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    return look_run_name("inbox", "inbox_id", _INBOX_ID)
 
 
 def _build_flow() -> Any:
     from prefect import flow, get_run_logger
-    from prefect.states import Completed, Failed
+    from prefect.states import Failed
 
     @flow(name="wsiflow-inbox", flow_run_name=_run_name, log_prints=False, validate_parameters=True,
           description="One look at a scanner inbox (wsiflow serve): submits the slides whose copy has "
@@ -420,12 +416,7 @@ def _build_flow() -> Any:
         except WsiflowError as exc:  # a bad ID or inbox record: the run fails with the one line, no traceback
             get_run_logger().error("%s", exc.one_line())
             return Failed(message=exc.one_line())
-        message, data = look.describe(), look.to_json()
-        if look.error or (look.failed and look.failed == look.submitted):
-            return Failed(message=message, data=data)
-        if look.failed:
-            return Failed(name="Partially failed", message=message, data=data)
-        return Completed(message=message, data=data)
+        return look_state(look.failed, look.submitted, look.describe(), look.to_json(), broken=bool(look.error))
 
     return inbox_flow
 

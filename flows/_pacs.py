@@ -41,7 +41,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +59,7 @@ from pipeline import (
 )
 from privacy import audit_event, check_audit_log
 
+from ._looks import look_run_name, look_state
 from ._model_ref import resolve_model
 from ._runs import SlideRunner
 from ._slide_job import identify_job
@@ -411,17 +411,12 @@ def watch_tick(watch_id: str, *, log: LogTarget | None = None) -> PacsLook:
 
 
 def _run_name() -> str:
-    """``pacs-<watch id>-<UTC start time>``: looks at one archive told apart in the UI."""
-    from prefect.runtime import flow_run
-
-    watch_id = flow_run.get_parameters().get("watch_id")
-    shown = watch_id if isinstance(watch_id, str) and _WATCH_ID.fullmatch(watch_id) else "invalid-id"
-    return f"pacs-{shown}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    return look_run_name("pacs", "watch_id", _WATCH_ID)
 
 
 def _build_flow() -> Any:
     from prefect import flow, get_run_logger
-    from prefect.states import Completed, Failed
+    from prefect.states import Failed
 
     @flow(name="wsiflow-pacs-watch", flow_run_name=_run_name, log_prints=False, validate_parameters=True,
           description="One look at a PACS over DICOMweb (wsiflow pacs watch): analyses the new slide "
@@ -432,13 +427,8 @@ def _build_flow() -> Any:
         except WsiflowError as exc:  # a bad ID, record or archive: the run fails with the one line
             get_run_logger().error("%s", exc.one_line())
             return Failed(message=exc.one_line())
-        message, data = look.describe(watch_id), look.to_json()
-        failed = look.count("failed")
-        if failed and failed == len([s for s in look.slides if s.status != "settling"]):
-            return Failed(message=message, data=data)
-        if failed:
-            return Failed(name="Partially failed", message=message, data=data)
-        return Completed(message=message, data=data)
+        attempted = len([s for s in look.slides if s.status != "settling"])
+        return look_state(look.count("failed"), attempted, look.describe(watch_id), look.to_json())
 
     return pacs_watch_flow
 
