@@ -6,6 +6,8 @@ from pipeline import WsiflowError
 
 __all__ = [
     "ModelNotFoundError",
+    "FederationError",
+    "FederationPayloadError",
     "ManifestError",
     "WeightsIntegrityError",
     "UnsafeWeightsError",
@@ -117,3 +119,17 @@ class ValidationOverlapError(TrainingDataError):
 
     kind = "validation-overlap"
     hint = "validate on slides the model never saw in training; its lineage lists the training slides' digests"
+
+
+class FederationError(WsiflowError, RuntimeError):
+    """A federation cannot start or go on (base model differs, too few sites, no result)."""
+
+    kind = "federation"
+    hint = "check that every site has the same verified base model and that enough sites joined"
+
+
+class FederationPayloadError(FederationError, ValueError):
+    """An outgoing message would hold something other than parameters and allowed metrics."""
+
+    kind = "federation-payload"
+    hint = "only parameter arrays of the model's shapes and the allowed scalar metrics may leave a site"

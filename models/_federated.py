@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import WsiflowError
-
+from ._errors import FederationError, FederationPayloadError
 from ._loading import LoadedModel
 from ._manifest import Lineage, ModelManifest, now_iso
 from ._weights import sha256_bytes, state_dict_to_safetensors
@@ -43,20 +42,6 @@ __all__ = [
 
 ALLOWED_METRIC_KEYS = frozenset({"loss"})
 """Scalar metrics a site may send beside its arrays and its sample count."""
-
-
-class FederationError(WsiflowError, RuntimeError):
-    """A federation cannot start or go on (base model differs, too few sites, no result)."""
-
-    kind = "federation"
-    hint = "check that every site has the same verified base model and that enough sites joined"
-
-
-class FederationPayloadError(FederationError, ValueError):
-    """An outgoing message would hold something other than parameters and allowed metrics."""
-
-    kind = "federation-payload"
-    hint = "only parameter arrays of the model's shapes and the allowed scalar metrics may leave a site"
 
 
 @dataclass(frozen=True)
