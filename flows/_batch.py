@@ -40,6 +40,7 @@ from pipeline import (
 
 from ._dask import SlideInterrupted
 from ._isolate import quiet_children
+from ._looks import look_state
 from ._model_ref import resolve_model
 from ._runs import Interrupt, SlideRunner, interruptible
 from ._slide_job import SlideJob
@@ -213,7 +214,7 @@ def _build_flow() -> Any:
     from prefect.artifacts import create_table_artifact
     from prefect.cache_policies import NO_CACHE
     from prefect.exceptions import CancelledRun
-    from prefect.states import Cancelled, Completed, Failed
+    from prefect.states import Cancelled
     from prefect.task_runners import ThreadPoolTaskRunner
 
     analyse_task = task(
@@ -301,11 +302,7 @@ def _build_flow() -> Any:
             get_run_logger().warning("%s", text)
         else:
             get_run_logger().info("%s", text)
-        if failed == len(rows) and rows:
-            return Failed(message=text, data=rows)
-        if failed:
-            return Failed(name="Partially failed", message=text, data=rows)
-        return Completed(message=text, data=rows)
+        return look_state(failed, len(rows), text, rows)
 
     return batch_flow
 

@@ -23,12 +23,12 @@ from types import FrameType
 from pipeline import ModelInfo, RunSettings, SlideOutcome
 from privacy import audit_event
 
-from ._dask import close_dask_clients, reset_dask_stop, stop_dask_chunks
+from ._dask import SlideInterrupted, close_dask_clients, reset_dask_stop, stop_dask_chunks
 from ._isolate import IsolatedSlideRunner
 from ._model_ref import ModelRef
 from ._slide_job import SlideJob, analyse_job
 
-__all__ = ["SlideRunner", "audit_outcome", "Interrupt", "interruptible"]
+__all__ = ["SlideRunner", "audit_interrupted", "audit_outcome", "Interrupt", "interruptible"]
 
 
 def audit_outcome(outcome: SlideOutcome, info: ModelInfo, settings: RunSettings, via: str) -> None:
@@ -51,6 +51,14 @@ def audit_outcome(outcome: SlideOutcome, info: ModelInfo, settings: RunSettings,
                     params=outcome.mpp.to_json(), outcome=str(outcome.mpp.override))
 
 
+def audit_interrupted(job: SlideJob, info: ModelInfo, settings: RunSettings, via: str) -> None:
+    """Record that Ctrl-C stopped one slide's run (so the log shows every run that started)."""
+    audit_event("run", slide_id=job.identity.slide_id if job.identity else None, model_digest=info.sha256,
+                params={"via": via, "analysis": settings.analysis.to_json(), "backend": settings.backend,
+                        "force": settings.force},
+                outcome="interrupted")
+
+
 class SlideRunner:
     """Analyses slides one by one with fixed settings and model, isolated or not."""
 
@@ -61,11 +69,16 @@ class SlideRunner:
         self._isolated = IsolatedSlideRunner(settings, model, info) if settings.isolate else None
 
     def run(self, job: SlideJob, via: str) -> SlideOutcome:
-        """The slide's outcome (audited); ``SlideInterrupted`` after :meth:`stop`."""
-        if self._isolated is not None:
-            outcome = self._isolated.run(job)
-        else:
-            outcome = analyse_job(job, self.settings, self.model, self.info)
+        """The slide's outcome (audited); ``SlideInterrupted`` after :meth:`stop`, audited
+        as ``interrupted`` (the slide is neither done nor failed: a rerun resumes it)."""
+        try:
+            if self._isolated is not None:
+                outcome = self._isolated.run(job)
+            else:
+                outcome = analyse_job(job, self.settings, self.model, self.info)
+        except (SlideInterrupted, KeyboardInterrupt):
+            audit_interrupted(job, self.info, self.settings, via)
+            raise
         audit_outcome(outcome, self.info, self.settings, via)
         return outcome
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from privacy import read_audit_log
+
 pytestmark = pytest.mark.slow  # see DEVELOPERS.md: `make check` runs the tests not marked slow
 
 # Small chunks (about 65 for the CMU slide at this stride) so that a run is still busy
@@ -116,8 +118,12 @@ def test_ctrl_c_stops_run_and_the_rerun_resumes(request, where, cluster, wsiflow
         address, client = request.getfixturevalue("scheduler")
         command += ["--dask-address", address]
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    audited = len(read_audit_log())
     err = _interrupt(command, out, env, tmp_path)
     assert cmu_svs.name not in err
+    # The stopped slide is in the audit log as interrupted (neither done nor failed).
+    runs = [e for e in read_audit_log()[audited:] if e["action"] == "run"]
+    assert [e["outcome"] for e in runs] == ["interrupted"] and runs[0]["slide_id"], runs
     if client is not None:
         # The run's chunks were cancelled on the cluster, not left to run there.
         deadline = time.monotonic() + 30
