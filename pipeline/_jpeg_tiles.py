@@ -1,4 +1,5 @@
-"""Direct reading of JPEG-tiled TIFF levels (Aperio SVS, generic tiled TIFF), with DCT scaling.
+"""Direct reading of JPEG-tiled levels (Aperio SVS, generic tiled TIFF; DICOM-WSI through
+``_dicom_tiles``), with DCT scaling.
 
 OpenSlide decodes every stored tile at full size and the analysis then shrinks it; libjpeg
 can instead decode a tile at 1/2, 1/4 or 1/8 of its size in the DCT domain for a fraction
@@ -30,14 +31,16 @@ from ._backend import _TIFF_ERRORS
 if TYPE_CHECKING:
     import tifffile
 
-__all__ = ["DIRECT_READER", "DECODER", "DirectReadError", "JpegTileReader", "open_jpeg_tiles", "decode_tile",
-           "DCT_DENOMINATORS"]
+__all__ = ["DIRECT_READER", "DECODER", "DirectReadError", "JpegTileReader", "JpegLevel", "open_jpeg_tiles",
+           "decode_tile", "DCT_DENOMINATORS"]
 
 _log = logging.getLogger(__name__)
 
-DIRECT_READER = "jpeg-direct/1"
+DIRECT_READER = "jpeg-direct/2"
 """The direct reader's name and pixel version: part of a run's key, so a result computed with
-another reader (or another version of this one) is never reused or resumed with this one."""
+another reader (or another version of this one) is never reused or resumed with this one.
+/2: a DCT-scaled block within 1 % of the output size is read as is, without resampling
+(``Slide._read_direct``); /1 always resampled with Lanczos."""
 DCT_DENOMINATORS = (8, 4, 2, 1)
 """Scales libjpeg decodes in the DCT domain (1/8 .. 1/1), coarsest first."""
 
@@ -63,7 +66,10 @@ class DirectReadError(Exception):
 
 
 @dataclass(frozen=True)
-class _Level:
+class JpegLevel:
+    """Where a level's stored JPEG tiles are: tile ``i`` (row-major) is ``counts[i]`` bytes at
+    ``offsets[i]`` of file ``file`` (an index into the reader's files)."""
+
     width: int
     height: int
     tile_w: int
@@ -74,33 +80,46 @@ class _Level:
     counts: np.ndarray
     prefix: bytes
     """What goes before a tile's bytes (after its SOI): shared tables and the colour marker."""
+    file: int = 0
+
+
+_Level = JpegLevel
 
 
 class JpegTileReader:
-    """Reads regions of JPEG-tiled TIFF levels directly; thread-safe (positional reads only)."""
+    """Reads regions of JPEG-tiled levels directly; thread-safe (positional reads only).
 
-    name = DIRECT_READER
+    ``paths`` are the files the levels' tiles lie in (one for a TIFF, one per level for DICOM);
+    ``name`` (with its version) enters a run's key through ``Slide.reader``."""
 
-    def __init__(self, path: Path, levels: dict[int, _Level]) -> None:
+    def __init__(self, paths: Path | list[Path], levels: dict[int, JpegLevel], name: str = DIRECT_READER) -> None:
+        self.name = name
         self._levels = levels
-        self._fd = os.open(path, os.O_RDONLY)
+        self._fds: list[int] = []
+        try:
+            for path in [paths] if isinstance(paths, Path) else paths:
+                self._fds.append(os.open(path, os.O_RDONLY))
+        except OSError:
+            self.close()
+            raise
         self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._close_files()
         with self._lock:
             self._cache.clear()
             self._cached_bytes = 0
 
+    def _close_files(self) -> None:
+        fds, self._fds = getattr(self, "_fds", []), []
+        for fd in fds:
+            os.close(fd)
+
     def __del__(self) -> None:
-        # A slide dropped without close() must not leak its descriptor.
-        if getattr(self, "_fd", -1) >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        # A slide dropped without close() must not leak its descriptors.
+        self._close_files()
 
     def supports(self, level: int) -> bool:
         return level in self._levels
@@ -120,9 +139,11 @@ class JpegTileReader:
         d = denominator
         stw, sth = info.tile_w // d, info.tile_h // d
         level_w, level_h = info.width // d, info.height // d  # scaled pixels fully inside the level
-        out = np.full((height, width, 3), 255, dtype=np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + width, level_w), min(y + height, level_h)
+        inside = (x0, y0, x1, y1) == (x, y, x + width, y + height)
+        # Every pixel is pasted over when the block lies inside the level: no fill needed.
+        out = np.empty((height, width, 3), dtype=np.uint8) if inside else np.full((height, width, 3), 255, np.uint8)
         if x1 <= x0 or y1 <= y0:
             return out
         for ty in range(y0 // sth, (y1 - 1) // sth + 1):
@@ -159,15 +180,18 @@ class JpegTileReader:
         count = int(info.counts[index])
         if not 2 < count <= _MAX_TILE_BYTES:
             raise DirectReadError(f"tile {index} is missing or implausibly large ({count} bytes)")
+        fds = self._fds
+        if info.file >= len(fds):
+            raise DirectReadError("the reader is closed")
         try:
-            data = os.pread(self._fd, count, int(info.offsets[index]))
+            data = os.pread(fds[info.file], count, int(info.offsets[index]))
         except OSError as exc:  # the backend reads it again and reports the error its way
             raise DirectReadError(f"tile {index} cannot be read ({type(exc).__name__})") from exc
         if len(data) != count or data[:2] != _SOI:
             raise DirectReadError(f"tile {index} does not start a JPEG stream")
+        stream = _SOI + info.prefix + data[2:] if info.prefix else data
         try:
-            pixels = decode_tile(_SOI + info.prefix + data[2:], info.tile_w // d, info.tile_h // d,
-                                 (info.tile_w, info.tile_h))
+            pixels = decode_tile(stream, info.tile_w // d, info.tile_h // d, (info.tile_w, info.tile_h))
         except (OSError, ValueError, SyntaxError, MemoryError, Image.DecompressionBombError) as exc:
             raise DirectReadError(f"tile {index} cannot be decoded ({type(exc).__name__})") from exc
         if pixels.shape[:2] != (info.tile_h // d, info.tile_w // d):

@@ -61,9 +61,9 @@ def test_cmu_tissue_fraction_is_plausible_and_tiles_sit_on_tissue(cmu_svs):
 
 def test_dicom_folder_matches_the_svs_pixel_for_pixel(cmu_svs):
     folder = shared_file("dicom/cmu-1-small-region-lossless")
-    # Both through OpenSlide's decoder: the direct JPEG reader (SVS only) resamples in the
-    # DCT domain, so its pixels differ slightly (tests/test_direct_reader.py measures it).
-    with open_slide(cmu_svs, direct_reader=False) as svs, open_slide(folder) as dicom:
+    # Both through OpenSlide's decoder here; the direct readers (SVS and DICOM) are compared
+    # below: they decode the same stored tiles, so they agree with each other exactly.
+    with open_slide(cmu_svs, direct_reader=False) as svs, open_slide(folder, direct_reader=False) as dicom:
         assert dicom.dimensions == svs.dimensions
         assert (dicom.mpp.mpp_x, dicom.mpp.mpp_y) == pytest.approx((svs.mpp.mpp_x, svs.mpp.mpp_y))
         assert dicom.info.vendor == "dicom"
@@ -76,6 +76,12 @@ def test_dicom_folder_matches_the_svs_pixel_for_pixel(cmu_svs):
         np.testing.assert_array_equal(
             dicom.read_region_at_mpp(500, 700, 128, 128, 2.0), svs.read_region_at_mpp(500, 700, 128, 128, 2.0)
         )
+    with open_slide(cmu_svs) as svs, open_slide(folder) as dicom:
+        assert dicom.reader != svs.reader  # each direct reader has its own name in the run key
+        for mpp in (1.0, 2.0, 0.8):
+            np.testing.assert_array_equal(
+                dicom.read_region_at_mpp(500, 700, 128, 128, mpp), svs.read_region_at_mpp(500, 700, 128, 128, mpp)
+            )
 
 
 def test_a_single_dicom_instance_file_opens_the_whole_slide():
