@@ -163,9 +163,21 @@ class FederationServeConfig:
     """The coordinator's certificate (PEM; --tls-cert)."""
     tls_key_file: Path | None = None
     """Its private key (PEM; --tls-key)."""
+    site_keys_file: Path | None = None
+    """The sites admitted: SHA256 fingerprints or .pub PEM blocks (--site-keys); None: needs allow_any_site."""
+    allow_any_site: bool = False
+    """Admit any site that reaches the port, without a key list (--allow-any-site)."""
+    secure_aggregation: bool = False
+    """Sites send pairwise-masked updates; the coordinator sees only their sum (--secure-aggregation)."""
 
     def __post_init__(self) -> None:
         where = "federation.serve"
+        if self.site_keys_file is not None and self.allow_any_site:
+            raise ConfigError(f"{where}.site_keys_file and {where}.allow_any_site contradict each other",
+                              hint="list the sites (site_keys_file) or admit any (allow_any_site: true), not both")
+        if self.secure_aggregation and self.min_sites < 2:
+            raise ConfigError(f"{where}.secure_aggregation needs {where}.min_sites >= 2",
+                              hint="one site's aggregate is its own update")
         if self.model is not None and "@" not in self.model:
             raise ConfigError(f"{where}.model {self.model!r} must name a version (NAME@VERSION)",
                               hint="every site needs the same version, e.g. tissue-qc@3")
@@ -207,6 +219,8 @@ class FederationJoinConfig:
     seed: int = 0
     keep_payloads: bool = False
     """Keep every outgoing message's exact bytes in the site dir, for a payload audit (--keep-payloads)."""
+    site_key_file: Path | None = None
+    """This site's Ed25519 identity key, PEM (--site-key; `wsiflow federate keygen`)."""
 
     def __post_init__(self) -> None:
         where = "federation.join"

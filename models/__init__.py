@@ -19,17 +19,29 @@ from ._errors import (
 )
 from ._federated import (
     ALLOWED_METRIC_KEYS,
+    ALLOWED_PROPERTY_KEYS,
+    FederationAuthError,
     FederationError,
     FederationPayloadError,
     PrivacySettings,
+    SiteAllowList,
     check_payload,
+    check_properties,
     clip_and_noise,
+    clipped_update,
     federated_candidate,
     federation_digest,
     load_parameter_arrays,
+    load_site_key,
     parameter_arrays,
     parameter_shapes,
     proximal_hooks,
+    read_site_keys,
+    sign_challenge,
+    site_auth_message,
+    site_fingerprint,
+    site_public_key,
+    verify_site,
 )
 from ._finetune import annotated_dataset, check_training_inputs, finetune
 from ._import import import_model
@@ -48,16 +60,46 @@ from ._registry import (
     parse_ref,
     site_models_dir,
 )
+from ._secagg import (
+    SECAGG_PROTOCOL,
+    SecAggParams,
+    dequantise,
+    mask_key_pair,
+    mask_update,
+    pair_seed,
+    quantise,
+    unmask_sum,
+)
 from ._train import EpochStats, TrainSettings, train_module
 from ._trust import TrustedKey, trust_key, trusted_keys, untrust_key
 from ._validate import validate_arrays
 
 __all__ = [
     "ALLOWED_METRIC_KEYS",
+    "ALLOWED_PROPERTY_KEYS",
+    "FederationAuthError",
     "FederationError",
     "FederationPayloadError",
     "PrivacySettings",
+    "SiteAllowList",
     "check_payload",
+    "check_properties",
+    "clipped_update",
+    "load_site_key",
+    "read_site_keys",
+    "sign_challenge",
+    "site_auth_message",
+    "site_fingerprint",
+    "site_public_key",
+    "verify_site",
+    "SECAGG_PROTOCOL",
+    "SecAggParams",
+    "dequantise",
+    "mask_key_pair",
+    "mask_update",
+    "pair_seed",
+    "quantise",
+    "unmask_sum",
     "clip_and_noise",
     "federated_candidate",
     "federation_digest",

@@ -8,6 +8,7 @@ __all__ = [
     "ModelNotFoundError",
     "FederationError",
     "FederationPayloadError",
+    "FederationAuthError",
     "ManifestError",
     "WeightsIntegrityError",
     "UnsafeWeightsError",
@@ -133,3 +134,12 @@ class FederationPayloadError(FederationError, ValueError):
 
     kind = "federation-payload"
     hint = "only parameter arrays of the model's shapes and the allowed scalar metrics may leave a site"
+
+
+class FederationAuthError(FederationError, PermissionError):
+    """A site's identity key is missing, unreadable, not on the coordinator's allow-list, or its
+    signature does not verify."""
+
+    kind = "federation-auth"
+    hint = ("give the site's key (`wsiflow federate join --site-key KEY.pem`) and ask the coordinator's operator "
+            "to list its public key's fingerprint (`--site-keys FILE`)")

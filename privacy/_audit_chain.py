@@ -69,6 +69,7 @@ AUDIT_ACTIONS = frozenset({
     "model-import", "model-verify", "model-promote", "model-remove", "model-train",
     "audit-rotate", "review-signoff",
     "model-install", "model-trust", "model-rollback", "model-validate", "model-pack",
+    "model-federate",
 })
 """Actions the log knows; anything else is a programming error."""
 

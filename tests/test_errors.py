@@ -46,6 +46,7 @@ FITTING_BUILTIN: dict[str, type[Exception]] = {
     "DowngradeError": ValueError,
     "ValidationOverlapError": ValueError,
     "FederationPayloadError": ValueError,
+    "FederationAuthError": PermissionError,
 }
 
 

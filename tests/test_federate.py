@@ -1,6 +1,9 @@
 """Three sites federate over TLS on loopback (real processes): the global model beats every
 local-only fine-tune, only parameters and allowed metrics leave a site, a dropped site does
-not stop the federation, and the result is an audited candidate in every site's registry."""
+not stop the federation, and the result is an audited candidate in every site's registry.
+Sites prove their identity key every round (an unlisted one gets no model); with secure
+aggregation the coordinator sees only masked uint64 updates, and a site dropping after the key
+exchange is unmasked from the survivors' seeds."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import pytest
 
 from models import (
     ALLOWED_METRIC_KEYS,
+    ALLOWED_PROPERTY_KEYS,
     FederationPayloadError,
     PrivacySettings,
     Registry,
@@ -26,6 +30,7 @@ from models import (
     classification_metrics,
     clip_and_noise,
     finetune,
+    keygen,
     parameter_shapes,
 )
 from pipeline import classify_tiles, site_secret
@@ -63,9 +68,9 @@ def _registry(home: Path) -> Registry:
     return Registry(site_root=home / "models", secret=site_secret(home))
 
 
-def _setup(tmp_path: Path) -> tuple[list[SiteData], dict[str, Path], tuple[Path, Path, Path]]:
+def _setup(tmp_path: Path, *extra_homes: str) -> tuple[list[SiteData], dict[str, Path], tuple[Path, Path, Path]]:
     sites = make_sites(tmp_path / "data", shared_file("images/he-tumour-1000px.png"))
-    homes = {name: tmp_path / name for name in ("coordinator", *(s.name for s in sites))}
+    homes = {name: tmp_path / name for name in ("coordinator", *(s.name for s in sites), *extra_homes)}
     base = base_model(shared_file("images/ihc-colon-512px.png"))  # a weak start from another stain
     for home in homes.values():
         home.mkdir()
@@ -84,12 +89,27 @@ def _serve(homes: dict[str, Path], tls: tuple[Path, Path, Path], port: int, *ext
         env=_env(homes["coordinator"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _join(site: SiteData, home: Path, ca: Path, port: int) -> subprocess.Popen:
+def _join(site: SiteData, home: Path, ca: Path, port: int, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [*WSIFLOW, "federate", "join", "--server", f"127.0.0.1:{port}", "--tls-ca", str(ca),
          "--model", "fedbase@1", "--name", "fedqc", "--slides", str(site.slide), "--annotations",
-         str(site.annotations), "--per-class", str(PER_CLASS), "--keep-payloads", "--json"],
+         str(site.annotations), "--per-class", str(PER_CLASS), "--keep-payloads", "--json", *extra],
         env=_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _site_keys(tmp_path: Path, sites: list[SiteData]) -> tuple[dict[str, Path], Path]:
+    """An identity key per site and the coordinator's list of them (one as a PEM block, the
+    others as fingerprints: both forms are accepted)."""
+    folder = tmp_path / "keys"
+    folder.mkdir(exist_ok=True)
+    keys, lines = {}, ["# the sites this coordinator admits"]
+    for i, site in enumerate(sites):
+        public, fingerprint = keygen(folder / f"{site.name}.pem")
+        keys[site.name] = folder / f"{site.name}.pem"
+        lines.append(public.read_text().strip() if i == 0 else f"{fingerprint}  # one hospital")
+    listed = folder / "sites.txt"
+    listed.write_text("\n".join(lines) + "\n")
+    return keys, listed
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 150) -> str:
@@ -107,8 +127,10 @@ def _balanced_accuracy(model, images: np.ndarray, labels: np.ndarray) -> float:
     return float(classification_metrics(labels, probabilities, model.class_names)["balanced_accuracy"])
 
 
-def _audit_payloads(home: Path, shapes: list[tuple[int, ...]]) -> int:
-    """Every recorded outgoing message: only arrays of the model's shapes, allowed keys, no sentinel."""
+def _audit_payloads(home: Path, shapes: list[tuple[int, ...]], masked: bool = False) -> tuple[int, set[str]]:
+    """Every recorded outgoing message: only arrays of the model's shapes (uint64 when masked),
+    allowed metric and property keys, no sentinel. The number of updates sent and the property
+    keys answered."""
     from flwr.common import bytes_to_ndarray
     from flwr.proto.transport_pb2 import ClientMessage
 
@@ -116,7 +138,8 @@ def _audit_payloads(home: Path, shapes: list[tuple[int, ...]]) -> int:
     lines = [json.loads(line) for line in (folder / "outgoing.jsonl").read_text().splitlines()]
     messages = sorted(folder.glob("message-*.pb"))
     assert len(messages) == len(lines) > 0
-    fits = 0
+    fits, answered = 0, set()
+    dtype = np.dtype("uint64") if masked else np.dtype("float32")
     for line, path in zip(lines, messages, strict=True):
         data = path.read_bytes()
         assert SENTINEL.encode() not in data and SENTINEL.encode("utf-16-le") not in data
@@ -126,7 +149,7 @@ def _audit_payloads(home: Path, shapes: list[tuple[int, ...]]) -> int:
             res = ClientMessage.FitRes.FromString(data)
             assert {f.name for f, _ in res.ListFields()} <= {"status", "parameters", "num_examples", "metrics"}
             arrays = [bytes_to_ndarray(t) for t in res.parameters.tensors]
-            assert [a.shape for a in arrays] == shapes and {a.dtype for a in arrays} == {np.dtype("float32")}
+            assert [a.shape for a in arrays] == shapes and {a.dtype for a in arrays} == {dtype}
             assert set(res.metrics) <= ALLOWED_METRIC_KEYS
             assert line["shapes"] == [list(s) for s in shapes]
         else:
@@ -134,15 +157,30 @@ def _audit_payloads(home: Path, shapes: list[tuple[int, ...]]) -> int:
             if line["kind"] == "evaluate":
                 res_e = ClientMessage.EvaluateRes.FromString(data)
                 assert {f.name for f, _ in res_e.ListFields()} <= {"status", "loss", "num_examples", "metrics"}
-    return fits
+            if line["kind"] == "properties":
+                res_p = ClientMessage.GetPropertiesRes.FromString(data)
+                assert {f.name for f, _ in res_p.ListFields()} <= {"status", "properties"}
+                keys = set(res_p.properties)
+                assert keys == set(line["properties"])
+                assert all(k in ALLOWED_PROPERTY_KEYS or k.startswith("seed:") for k in keys), keys
+                assert all(res_p.properties[k].WhichOneof("scalar") == "bytes" for k in keys)
+                answered |= keys
+    return fits, answered
+
+
+def _federation_outcomes(home: Path) -> list[str]:
+    audit = [json.loads(line) for line in (home / "audit.jsonl").read_text().splitlines()]
+    return [a["outcome"] for a in audit if a["action"] == "model-federate"]
 
 
 def test_three_sites_beat_local_models_and_send_only_parameters(tmp_path):
     sites, homes, tls = _setup(tmp_path)
+    keys, listed = _site_keys(tmp_path, sites)
     port = _free_port()
-    server = _serve(homes, tls, port, "--min-sites", "3", "--strategy", "fedprox", "--proximal-mu", "0.001")
+    server = _serve(homes, tls, port, "--min-sites", "3", "--strategy", "fedprox", "--proximal-mu", "0.001",
+                    "--site-keys", str(listed))
     time.sleep(1)
-    joins = [_join(s, homes[s.name], tls[0], port) for s in sites]
+    joins = [_join(s, homes[s.name], tls[0], port, "--site-key", str(keys[s.name])) for s in sites]
     results = [json.loads(_finish(j)) for j in joins]
     report = json.loads(_finish(server))
     assert report["rounds_completed"] == ROUNDS
@@ -162,13 +200,13 @@ def test_three_sites_beat_local_models_and_send_only_parameters(tmp_path):
         lineage = json.loads((entry.directory / "federation.json").read_text())
         assert lineage["sites"] == 3 and lineage["rounds_completed"] == ROUNDS and lineage["strategy"] == "fedprox"
         assert lineage["base_sha256"] == base.manifest.weights_sha256
+        assert lineage["site_authentication"] is True and lineage["secure_aggregation"] is False
         for text in ((entry.directory / "federation.json").read_text(), (entry.directory / "manifest.json").read_text(),
                      (home / "audit.jsonl").read_text()):
             assert SENTINEL not in text and site.name not in text
-        audit = [json.loads(line) for line in (home / "audit.jsonl").read_text().splitlines()]
-        outcomes = [a["outcome"] for a in audit if a["action"] == "model-train"]
-        assert outcomes == ["federation-joined", "ok"]
-        assert _audit_payloads(home, shapes) == ROUNDS
+        assert _federation_outcomes(home) == ["federation-joined", "ok"]
+        fits, answered = _audit_payloads(home, shapes)
+        assert fits == ROUNDS and answered == {"site_key", "signature"}
     assert len(digests) == 1, "every site holds the same global model"
 
     federated = _registry(homes[sites[0].name]).load(results[0]["ref"])
@@ -197,9 +235,9 @@ def test_three_sites_beat_local_models_and_send_only_parameters(tmp_path):
 def test_a_site_dropping_out_mid_round_does_not_stop_the_federation(tmp_path):
     sites, homes, tls = _setup(tmp_path)
     port = _free_port()
-    server = _serve(homes, tls, port, "--min-sites", "2")
-    time.sleep(1)
+    # Sites first: each waits for the coordinator's port (Flower's client alone gives up at once).
     joins = [_join(s, homes[s.name], tls[0], port) for s in sites]
+    server = _serve(homes, tls, port, "--min-sites", "2", "--allow-any-site")
     status = homes[sites[2].name] / "federation"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # kill the third site while it trains round 2
@@ -221,6 +259,73 @@ def test_a_site_dropping_out_mid_round_does_not_stop_the_federation(tmp_path):
         lineage = json.loads((_registry(homes[site.name]).resolve(result["ref"]).directory
                               / "federation.json").read_text())
         assert lineage["sites"] in (2, 3) and lineage["rounds_completed"] == ROUNDS
+
+
+def test_secure_aggregation_with_node_auth_and_dp_survives_an_intruder_and_a_dropout(tmp_path):
+    """Three listed sites and one unlisted (the intruder, with its own key, from the CLI);
+    secure aggregation and DP on; the third listed site is killed after round 2's key exchange."""
+    sites, homes, tls = _setup(tmp_path, "intruder")
+    keys, listed = _site_keys(tmp_path, sites)
+    made = subprocess.run([*WSIFLOW, "federate", "keygen", "--out", str(tmp_path / "keys" / "intruder.pem")],
+                          env=_env(homes["intruder"]), capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr[-2000:]
+    intruder_print = made.stdout.split()[-1]
+    assert intruder_print.startswith("SHA256:") and intruder_print not in listed.read_text()
+    port = _free_port()
+    epochs = ["--local-epochs", "1"]
+    joins = [_join(s, homes[s.name], tls[0], port, "--site-key", str(keys[s.name])) for s in sites]
+    intruder = _join(sites[0], homes["intruder"], tls[0], port, "--site-key", str(tmp_path / "keys" / "intruder.pem"))
+    server = _serve(homes, tls, port, "--min-sites", "2", "--rounds", "2", *epochs, "--secure-aggregation",
+                    "--dp-clip", "2.0", "--dp-noise", "0.01", "--site-keys", str(listed))
+    status = homes[sites[2].name] / "federation"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # kill the third site once it holds round 2's keys (it is training)
+        found = list(status.glob("*/status.json")) if status.exists() else []
+        if found and json.loads(found[0].read_text() or "{}") == {"state": "training", "round": 2}:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the third site never started round 2")
+    joins[2].send_signal(signal.SIGKILL)
+    joins[2].wait()
+    results = [json.loads(_finish(j, timeout=240)) for j in joins[:2]]
+    report = json.loads(_finish(server, timeout=240))
+    out, err = intruder.communicate(timeout=60)
+    assert intruder.returncode != 0 and "federation-auth" in err, err[-2000:]
+
+    assert report["rounds_completed"] == 2, report
+    assert all(r["aggregated"] for r in report["rounds"])
+    assert (report["rounds"][1]["sites"], report["rounds"][1]["recovered"]) == (2, 1), report["rounds"]
+    assert intruder_print[:23] in [f for r in report["rounds"] for f in r["refused"]]
+    assert report["settings"]["secure_aggregation"] is True
+    coordinator_log = (homes["coordinator"] / "audit.jsonl").read_text()
+    assert "refused:federation-auth" in coordinator_log
+
+    base = _registry(homes["coordinator"]).load("fedbase@1")
+    shapes = parameter_shapes(base.module)
+    digests = set()
+    for site, result in zip(sites[:2], results, strict=True):
+        home = homes[site.name]
+        entry = _registry(home).resolve(result["ref"])
+        digests.add(entry.manifest.weights_sha256)
+        lineage = json.loads((entry.directory / "federation.json").read_text())
+        assert lineage["secure_aggregation"] is True and lineage["site_authentication"] is True
+        assert lineage["privacy"] == {"clip_norm": 2.0, "noise_multiplier": 0.01}
+        params = lineage["secure_aggregation_parameters"]
+        assert params["modulus_bits"] == 64 and params["scale_bits"] >= 20 and "X25519" in params["protocol"]
+        assert lineage["rounds_completed"] == 2 and lineage["sites"] in (2, 3)
+        assert _federation_outcomes(home) == ["federation-joined", "ok"]
+        fits, answered = _audit_payloads(home, shapes, masked=True)
+        assert fits == 2 and {"site_key", "signature", "mask_key"} <= answered
+        assert [k for k in answered if k.startswith("seed:")], "a survivor revealed its seed with the dropped site"
+        assert SENTINEL not in (entry.directory / "federation.json").read_text()
+    assert len(digests) == 1, "both remaining sites hold the same global model"
+    # The intruder answered challenges and nothing else: no model reached it.
+    fits, answered = _audit_payloads(homes["intruder"], shapes)
+    assert fits == 0 and answered <= {"site_key", "signature", "mask_key"}
+    # keygen (audited at the intruder's site too), joined, refused.
+    assert _federation_outcomes(homes["intruder"]) == ["ok", "federation-joined", "failed:federation-auth"]
+    assert not [e for e in _registry(homes["intruder"]).entries() if e.manifest.name == "fedqc"]
 
 
 def test_payload_rule_and_dp_clipping():

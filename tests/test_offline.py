@@ -6,6 +6,7 @@ multi-process Dask run and the napari reader. Anything that needed the internet 
 there. The inner-only tests below check the namespace itself and run the demo. A second
 outer test (also skipped when Orthanc is not installed) runs the hospital loop there: a
 real Orthanc on loopback, ``wsiflow pacs watch --once``, the results found back in the study.
+A third runs a federation there: a coordinator and two site processes over TLS on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -81,6 +82,17 @@ def test_the_pacs_loop_runs_in_a_namespace_with_only_loopback(tmp_path):
                  "tests/test_offline.py::test_pacs_loop_runs_offline"], tmp_path / "inner")
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(INSIDE, reason="this is the outer test; it does not nest")
+def test_the_federation_runs_in_a_namespace_with_only_loopback(tmp_path):
+    reason = _netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    shared_file("images/he-tumour-1000px.png")  # skip here, with the reason, rather than inside
+    _run_inside(["tests/test_offline.py::test_namespace_has_only_loopback",
+                 "tests/test_offline.py::test_federation_runs_offline"], tmp_path / "inner")
+
+
 @pytest.mark.skipif(not INSIDE, reason="runs only inside the offline network namespace")
 def test_namespace_has_only_loopback():
     # /proc/net/dev is per network namespace (/sys/class/net shows the host's when sysfs is shared).
@@ -137,3 +149,52 @@ def test_pacs_loop_runs_offline(tmp_path, wsiflow_cli):
         assert folder is not None
         seg, ann = _stored_results(archive, source.StudyInstanceUID)
         _check_results(seg, ann, source, folder)
+
+
+@pytest.mark.skipif(not INSIDE, reason="runs only inside the offline network namespace")
+def test_federation_runs_offline(tmp_path):
+    """One round, two sites, the untrained tiny model: this proves the network path (TLS on
+    loopback, Flower telemetry off), not learning (tests/test_federate.py does that). The sites
+    start before the coordinator: each waits for its port."""
+    from models import keygen
+    from tests._federate_data import add_base_model, base_model, make_sites, make_tls
+    from tests.test_federate import WSIFLOW, _env, _finish, _free_port, _registry
+
+    # The two sites quickest to build (no defocus) that hold all four classes between them.
+    sites = make_sites(tmp_path / "data", shared_file("images/he-tumour-1000px.png"),
+                       names=("hospital-a", "hospital-c"))
+    homes = {name: tmp_path / name for name in ("coordinator", *(s.name for s in sites))}
+    base = base_model()
+    for home in homes.values():
+        home.mkdir()
+        add_base_model(_registry(home), base)
+    ca, cert, key = make_tls(tmp_path / "tls")
+    keys = {site.name: tmp_path / f"{site.name}.pem" for site in sites}
+    listed = tmp_path / "sites.txt"
+    listed.write_text("".join(keygen(path)[1] + "\n" for path in keys.values()))
+    port = _free_port()
+    # The coordinator takes its settings from the config's federation.serve section.
+    config = tmp_path / "coordinator.yaml"
+    config.write_text(json.dumps({"federation": {"serve": {
+        "model": "fedbase@1", "address": f"127.0.0.1:{port}", "rounds": 1, "min_sites": 2, "local_epochs": 1,
+        "batch_size": 8, "tls_ca_file": str(ca), "tls_cert_file": str(cert), "tls_key_file": str(key),
+        "site_keys_file": str(listed), "secure_aggregation": True}}}))
+    joins = [subprocess.Popen(
+        [*WSIFLOW, "federate", "join", "--server", f"127.0.0.1:{port}", "--tls-ca", str(ca), "--model", "fedbase@1",
+         "--name", "fedqc", "--slides", str(site.slide), "--annotations", str(site.annotations), "--per-class", "8",
+         "--site-key", str(keys[site.name]), "--json"], env=_env(homes[site.name]), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+        for site in sites]
+    server = subprocess.Popen([*WSIFLOW, "--config", str(config), "federate", "serve", "--json"],
+                              env=_env(homes["coordinator"]), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    results = [json.loads(_finish(j)) for j in joins]
+    report = json.loads(_finish(server))
+    assert report["rounds_completed"] == 1 and report["rounds"][0]["sites"] == 2, report
+    digests = set()
+    for site, result in zip(sites, results, strict=True):
+        registry = _registry(homes[site.name])
+        entry = registry.resolve(result["ref"])
+        assert registry.is_candidate(entry) and result["rounds_trained"] == 1
+        digests.add(entry.manifest.weights_sha256)
+    assert len(digests) == 1, "both sites hold the same global model"

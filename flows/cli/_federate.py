@@ -10,12 +10,21 @@ from typing import TypeVar
 
 import numpy as np
 
-from models import FederationError, PrivacySettings, annotated_dataset, check_training_inputs
+from models import (
+    FederationError,
+    PrivacySettings,
+    annotated_dataset,
+    check_training_inputs,
+    keygen,
+    load_site_key,
+    read_site_keys,
+)
 from pipeline import ConfigError, MppPolicy
 from privacy import audit_event, check_audit_log
 
 from .._config import WsiflowConfig, check_host_port
 from .._federate import (
+    AUDIT_ACTION,
     STRATEGIES,
     FederationSettings,
     TlsFiles,
@@ -61,6 +70,13 @@ def add_federate_parser(commands: argparse._SubParsersAction) -> None:
                        help="clip each site's update to this L2 norm (DP); 0: no DP, whatever the config says")
     serve.add_argument("--dp-noise", type=float, help="Gaussian noise std, in units of --dp-clip (default 0)")
     serve.add_argument("--round-timeout", type=float, metavar="S", help="default 600")
+    serve.add_argument("--site-keys", type=Path, metavar="FILE",
+                       help="the sites admitted: one SHA256:<hex> fingerprint (from `federate keygen`) or .pub PEM "
+                            "block per site; every round, each site signs a fresh challenge with its key")
+    serve.add_argument("--allow-any-site", action="store_true", default=None,
+                       help="admit any site that reaches the port (no --site-keys); for tests and closed networks")
+    serve.add_argument("--secure-aggregation", action=argparse.BooleanOptionalAction, default=None,
+                       help="sites send pairwise-masked updates: the coordinator sees only their sum")
     serve.add_argument("--tls-ca", type=Path, metavar="PEM", help="the CA of the coordinator's certificate (needed)")
     serve.add_argument("--tls-cert", type=Path, metavar="PEM", help="the coordinator's certificate (needed)")
     serve.add_argument("--tls-key", type=Path, metavar="PEM", help="its private key (needed)")
@@ -72,6 +88,9 @@ def add_federate_parser(commands: argparse._SubParsersAction) -> None:
                               description="Options default to the config's federation.join section.")
     join.add_argument("--server", metavar="HOST:PORT", help="the coordinator (needed)")
     join.add_argument("--tls-ca", type=Path, metavar="PEM", help="the CA that signed the coordinator (needed)")
+    join.add_argument("--site-key", type=Path, metavar="PEM",
+                      help="this site's Ed25519 identity key (`wsiflow federate keygen`); needed when the "
+                           "coordinator lists its sites")
     join.add_argument("--model", metavar="NAME@VERSION",
                       help="the base model, from this site's registry (its weights must match the coordinator's; "
                            "needed)")
@@ -85,6 +104,11 @@ def add_federate_parser(commands: argparse._SubParsersAction) -> None:
     join.add_argument("--keep-payloads", action=argparse.BooleanOptionalAction, default=None,
                       help="keep every outgoing message's exact bytes in the site dir (for a payload audit)")
     join.add_argument("--json", action="store_true")
+    keys = actions.add_parser("keygen", help="make a site's identity key (Ed25519) and print its fingerprint",
+                              description="Writes KEY.pem (owner-only; encrypted when $WSIFLOW_KEY_PASSPHRASE is "
+                                          "set) and KEY.pub. Give the site --site-key KEY.pem; give the coordinator's "
+                                          "operator the fingerprint (or KEY.pub) for its --site-keys list.")
+    keys.add_argument("--out", type=Path, required=True, metavar="KEY.pem")
 
 
 @dataclass(frozen=True)
@@ -95,6 +119,8 @@ class ServePlan:
     address: str
     settings: FederationSettings
     tls: TlsFiles
+    site_keys: Path | None = None
+    allow_any_site: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,6 +134,7 @@ class JoinPlan:
     per_class: int
     seed: int
     keep_payloads: bool
+    site_key: Path | None = None
 
 
 def _pick(option: T | None, configured: T | None, flag: str, key: str) -> T:
@@ -136,13 +163,19 @@ def serve_plan(args: argparse.Namespace, config: WsiflowConfig) -> ServePlan:
             batch_size=_given(args.batch_size, c.batch_size), seed=_given(args.seed, c.seed),
             privacy=PrivacySettings(dp_clip, _given(args.dp_noise, c.dp_noise)),
             round_timeout_s=_given(args.round_timeout, c.round_timeout_s),
+            secure_aggregation=_given(args.secure_aggregation, c.secure_aggregation),
         )
     except FederationError as exc:  # the options and the config's keys together do not fit
         raise ConfigError(exc.message, hint=f"{exc.hint} (or the config's federation.serve keys)") from None
     tls = TlsFiles(_pick(args.tls_ca, c.tls_ca_file, "--tls-ca", "federation.serve.tls_ca_file"),
                    _pick(args.tls_cert, c.tls_cert_file, "--tls-cert", "federation.serve.tls_cert_file"),
                    _pick(args.tls_key, c.tls_key_file, "--tls-key", "federation.serve.tls_key_file"))
-    return ServePlan(model, address, settings, tls)
+    site_keys = _given(args.site_keys, c.site_keys_file)
+    allow_any_site = _given(args.allow_any_site, c.allow_any_site)
+    if site_keys is not None and allow_any_site:
+        raise ConfigError("--site-keys and --allow-any-site contradict each other",
+                          hint="give one (or the config's federation.serve.site_keys_file / allow_any_site)")
+    return ServePlan(model, address, settings, tls, site_keys, allow_any_site)
 
 
 def join_plan(args: argparse.Namespace, config: WsiflowConfig) -> JoinPlan:
@@ -157,6 +190,7 @@ def join_plan(args: argparse.Namespace, config: WsiflowConfig) -> JoinPlan:
         per_class=_given(args.per_class, c.per_class),
         seed=_given(args.seed, c.seed),
         keep_payloads=_given(args.keep_payloads, c.keep_payloads),
+        site_key=_given(args.site_key, c.site_key_file),
     )
 
 
@@ -166,6 +200,12 @@ def _given(option: T | None, configured: T) -> T:
 
 def run_federate(args: argparse.Namespace, config: WsiflowConfig) -> int:
     check_audit_log()  # fail closed: every step is audited
+    if args.federate_command == "keygen":
+        public_path, fingerprint = keygen(args.out)
+        audit_event(AUDIT_ACTION, params={"federation": "keygen", "site_key": fingerprint}, outcome="ok")
+        print(f"site key written; public key {public_path.name}; fingerprint (for the coordinator's --site-keys):")
+        print(fingerprint)
+        return EXIT_OK
     if args.federate_command == "serve":
         return _serve(args, config)
     return _join(args, config)
@@ -174,20 +214,28 @@ def run_federate(args: argparse.Namespace, config: WsiflowConfig) -> int:
 def _serve(args: argparse.Namespace, config: WsiflowConfig) -> int:
     plan = serve_plan(args, config)
     settings, tls = plan.settings, plan.tls
+    if plan.site_keys is None and not plan.allow_any_site:
+        raise ConfigError("the coordinator needs the list of sites it admits",
+                          hint="pass --site-keys FILE (fingerprints from `wsiflow federate keygen`) or set "
+                               "federation.serve.site_keys_file; --allow-any-site admits any site that reaches the "
+                               "port")
+    allowed = None if plan.site_keys is None else read_site_keys(plan.site_keys)
     tls.server_tuple()  # readable before the model loads
     base = registry_for(config).load(plan.model)
-    audit_event("model-train", model_digest=base.manifest.weights_sha256,
-                params={"federation": "serve", **settings_json(settings)}, outcome="federation-started")
-    rounds, kept = serve_federation(base, settings, address=plan.address, tls=tls,
+    audit_event(AUDIT_ACTION, model_digest=base.manifest.weights_sha256,
+                params={"federation": "serve", **settings_json(settings),
+                        "site_keys": None if allowed is None else sorted(allowed.fingerprints)},
+                outcome="federation-started")
+    rounds, kept = serve_federation(base, settings, address=plan.address, tls=tls, allowed=allowed,
                                     keep_round_models=args.keep_round_models is not None)
     completed = sum(r.aggregated for r in rounds)
-    audit_event("model-train", model_digest=base.manifest.weights_sha256,
+    audit_event(AUDIT_ACTION, model_digest=base.manifest.weights_sha256,
                 params={"federation": "served", "rounds_completed": completed},
                 outcome="ok" if completed else "failed:no-round-completed")
     report = {"model": base.manifest.ref, "settings": settings_json(settings), "rounds_completed": completed,
               "rounds": [{"round": r.round, "sites": r.sites, "failures": r.failures, "aggregated": r.aggregated,
                           "bytes_per_site": list(r.bytes_per_site), "round_time_s": round(r.round_time_s, 3),
-                          "loss": r.loss} for r in rounds]}
+                          "loss": r.loss, "refused": list(r.refused), "recovered": r.recovered} for r in rounds]}
     if args.keep_round_models is not None:
         args.keep_round_models.mkdir(parents=True, exist_ok=True)
         for i, arrays in enumerate(kept, start=1):
@@ -200,13 +248,16 @@ def _serve(args: argparse.Namespace, config: WsiflowConfig) -> int:
         print(f"federation of {base.manifest.ref}: {completed}/{settings.rounds} round(s) aggregated")
         for r in rounds:
             loss = "-" if r.loss is None else f"{r.loss:.3f}"
-            print(f"  round {r.round}: {r.sites} site(s), {r.failures} failure(s), loss {loss}, "
+            extra = (f", {len(r.refused)} refused" if r.refused else "") + (
+                f", masks of {r.recovered} dropped site(s) removed" if r.recovered else "")
+            print(f"  round {r.round}: {r.sites} site(s), {r.failures} failure(s){extra}, loss {loss}, "
                   f"{r.round_time_s:.1f} s{'' if r.aggregated else ' (not aggregated)'}")
     return EXIT_OK
 
 
 def _join(args: argparse.Namespace, config: WsiflowConfig) -> int:
     plan = join_plan(args, config)
+    site_key = None if plan.site_key is None else load_site_key(plan.site_key)
     check_training_inputs(args.slides, args.annotations)  # before the base model loads
     registry = registry_for(config)
     base = registry.load(plan.model)
@@ -214,7 +265,7 @@ def _join(args: argparse.Namespace, config: WsiflowConfig) -> int:
     images, labels = annotated_dataset(args.slides, args.annotations, base.class_names, base, plan.per_class,
                                        plan.seed, policy)
     outcome = join_federation(base, registry, name=plan.name, images=images, labels=labels, server=plan.server,
-                              tls=plan.tls, keep_payloads=plan.keep_payloads)
+                              tls=plan.tls, site_key=site_key, keep_payloads=plan.keep_payloads)
     result = {"ref": outcome.ref, "sha256": outcome.weights_sha256, "rounds_trained": outcome.rounds_trained,
               "messages_sent": outcome.messages_sent, "bytes_sent": outcome.bytes_sent,
               "candidate": True}
