@@ -1,6 +1,6 @@
 """Per-slide fixed cost of a batch: 20 small distinct slides, wall time split by stage.
 
-    .venv/bin/python -m bench.bench_overhead [--slides 20] [--work /tmp/wsiflow-overhead] [--cli]
+    .venv/bin/python -m bench.bench_overhead [--slides 20] [--work /tmp/wsiflow-overhead] [--cli | --cli-only]
 
 Makes ``--slides`` copies of the sample slide, each with different bytes appended after its
 last image data (TIFF readers ignore them), so every copy has its own content digest and
@@ -12,10 +12,13 @@ what is left (sealing the result). Overhead = wall time - inference. The first s
 one-off costs (imports, the first decode); the median is over the others.
 
 ``--hash-gib N`` also times naming an N GiB file twice (the second time from the site's
-digest cache, as a reused result of a multi-GB slide is). ``--cli`` also times three
-``wsiflow`` commands in fresh processes (start-up included): a missing file, a one-slide
-run, and the same run again (reused).
-Prints one JSON document.
+digest cache, as a reused result of a multi-GB slide is). ``--cli`` also times, each in a
+fresh process of the tree this file is in (start-up included): ``wsiflow run`` of a missing
+file, with a bad argument, of one slide, the same run again (reused), ``models verify
+tissue-qc``, and ``Registry().load`` + building the module; for each, the seconds to the
+first output line and to the end (``--cli-only``: these alone). To compare two trees in one
+run, copy this file into the other (``git archive HEAD | tar -x -C /tmp/before``) and run
+both at the same time. Prints one JSON document.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ def _flatten(timings: dict[str, object]) -> dict[str, float]:
     if isinstance(parts, dict):
         flat.update({f"finalize.{k}": float(v) for k, v in parts.items()})
     return flat
+
+
+_WATCHED = ("matplotlib", "pandas", "pyarrow", "zarr", "torch", "timm", "prefect", "dask", "distributed")
 
 
 def run_batch(paths: list[Path], out: Path, stride_px: int | None) -> dict[str, object]:
@@ -111,24 +117,52 @@ def run_batch(paths: list[Path], out: Path, stride_px: int | None) -> dict[str, 
             "stages": {k: round(statistics.median(r["stages"].get(k, 0.0) for r in later), 3) for k in names},
         },
         "max_overhead_after_first_s": round(max(r["overhead_s"] for r in later), 3),
+        # Libraries a batch of analyses imported (the model was loaded, so torch and timm are).
+        "imported": sorted(m for m in _WATCHED if m in sys.modules),
     }
 
 
-def run_cli(slide: Path, work: Path) -> dict[str, float]:
+_CLI = "import sys; from flows.cli import main; sys.exit(main())"
+"""The ``wsiflow`` entry point of the tree this file is in (``ROOT``), not the installed one."""
+
+
+def _timed(command: list[str], env: dict[str, str], until: str | None = None) -> dict[str, float | int | None]:
+    """A fresh process: seconds to its first output line, to the first line containing
+    ``until`` (when given), and to its end; its exit code."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    assert process.stdout is not None
+    first = seen = None
+    for line in iter(process.stdout.readline, b""):
+        now = time.perf_counter() - start
+        first = now if first is None else first
+        if until is not None and seen is None and until.encode() in line:
+            seen = now
+    rc = process.wait(timeout=600)
+    timing: dict[str, float | int | None] = {
+        "first_line_s": None if first is None else round(first, 2),
+        "total_s": round(time.perf_counter() - start, 2), "rc": rc,
+    }
+    if until is not None:
+        timing[f"{until}_line_s"] = None if seen is None else round(seen, 2)
+    return timing
+
+
+def run_cli(slide: Path, work: Path) -> dict[str, object]:
+    """The commands of issue 18's start-up targets, each in a fresh process (start-up included)."""
     env = {**os.environ, "WSIFLOW_HOME": str(work / "site")}
-    cli = [sys.executable, "-m", "flows.cli"]
+    cli = [sys.executable, "-c", _CLI]
     out = work / "cli-out"
     shutil.rmtree(out, ignore_errors=True)
-
-    def timed(*args: str) -> float:
-        start = time.perf_counter()
-        subprocess.run([*cli, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-        return round(time.perf_counter() - start, 2)
-
+    load = ("import sys, time; t = time.perf_counter(); from models import Registry; "
+            "m = Registry().load('tissue-qc'); m.module; print(round(time.perf_counter() - t, 3))")
     return {
-        "missing_file_error_s": timed("run", str(work / "missing.svs"), "--out", str(out)),
-        "one_slide_run_s": timed("run", str(slide), "--out", str(out), "--device", "cpu"),
-        "same_run_reused_s": timed("run", str(slide), "--out", str(out), "--device", "cpu"),
+        "missing_file_error": _timed([*cli, "run", str(work / "missing.svs"), "--out", str(out)], env),
+        "bad_argument_error": _timed([*cli, "run", "--bad-arg"], env),
+        "one_slide_run": _timed([*cli, "run", str(slide), "--out", str(out)], env, "done"),
+        "same_run_reused": _timed([*cli, "run", str(slide), "--out", str(out)], env, "reused"),
+        "models_verify": _timed([*cli, "models", "verify", "tissue-qc"], env),
+        "model_load_fresh_process": _timed([sys.executable, "-c", load], env),
     }
 
 
@@ -165,17 +199,21 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=None, help="grid stride in px (default: the model's tile)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/wsiflow-overhead"))
     parser.add_argument("--cli", action="store_true")
+    parser.add_argument("--cli-only", action="store_true", help="only the CLI timings (no batch)")
     parser.add_argument("--hash-gib", type=float, default=0.0, help="also time hashing a file of this size")
     args = parser.parse_args()
     os.environ.setdefault("WSIFLOW_HOME", str(args.work / "site"))
     paths = make_slides(args.source, args.work / "slides", args.slides)
     out = args.work / "out"
     shutil.rmtree(out, ignore_errors=True)
-    report: dict[str, object] = {"cpus": os.cpu_count(), "batch": run_batch(paths, out, args.stride)}
-    if args.cli:
+    report: dict[str, object] = {"cpus": os.cpu_count(), "root": str(ROOT), "load_before": os.getloadavg()}
+    if not args.cli_only:
+        report["batch"] = run_batch(paths, out, args.stride)
+    if args.cli or args.cli_only:
         report["cli"] = run_cli(paths[0], args.work)
     if args.hash_gib:
         report["hash_large"] = hash_large(args.work, args.hash_gib)
+    report["load_after"] = os.getloadavg()
     print(json.dumps(report, indent=2))
 
 

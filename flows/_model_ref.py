@@ -33,9 +33,10 @@ def _registry(site_root: str | Path | None) -> Registry:
 
 
 def resolve_model(ref: str, models_dir: Path | None) -> tuple[ModelRef, ModelInfo, LoadedModel]:
-    """Load ``ref`` from the registry (verified), keep it for this process, and name it."""
+    """Load ``ref`` from the registry (every check and the sha256 now; the module is built on
+    first use), keep it for this process, and name it."""
     registry = _registry(models_dir)
-    model = registry.load(ref)
+    model = registry.load(ref, build=False)
     manifest = model.manifest
     _MODELS[manifest.weights_sha256] = model
     info = ModelInfo(manifest.name, manifest.version, manifest.weights_sha256, tuple(c.color for c in manifest.classes))
@@ -51,10 +52,12 @@ def describe_model(ref: str, models_dir: Path | None) -> tuple[ModelInfo, Prepro
 
 
 def load_model_ref(model: ModelRef) -> LoadedModel:
-    """The model ``model`` names, loaded once per process and checked against its sha256."""
+    """The model ``model`` names, loaded once per process and checked against its sha256.
+    Its module is built on first use (a process that finds its results complete, or only
+    names the model, never imports torch): see :class:`models.LoadedModel`."""
     cached = _MODELS.get(model.sha256)
     if cached is None:
-        cached = _registry(model.site_root).load(model.ref)
+        cached = _registry(model.site_root).load(model.ref, build=False)
         if cached.manifest.weights_sha256 != model.sha256:
             raise WeightsIntegrityError(f"{model.ref} in this process is not the model the run was started with")
         _MODELS[model.sha256] = cached

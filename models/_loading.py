@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,7 +10,7 @@ from pipeline import Preprocessing
 
 from ._errors import ManifestError
 from ._manifest import ModelManifest, check_architecture
-from ._weights import read_verified_weights, state_dict_from_safetensors
+from ._weights import check_safetensors, read_verified_weights, state_dict_from_safetensors
 
 if TYPE_CHECKING:
     import torch
@@ -18,12 +18,53 @@ if TYPE_CHECKING:
 __all__ = ["LoadedModel", "build_module", "load_model_from_dir"]
 
 
-@dataclass(frozen=True, eq=False)
 class LoadedModel:
-    """A verified model ready for inference; satisfies ``pipeline.PatchClassifier``."""
+    """A verified model ready for inference; satisfies ``pipeline.PatchClassifier``.
 
-    manifest: ModelManifest
-    module: torch.nn.Module
+    Built from verified weights either at once or, when loaded with ``build=False``, on first
+    use of :attr:`module` (thread-safe, once): importing torch and timm and building the
+    architecture takes seconds, which a process that only names the model, or finds its
+    result already complete, never pays. The weights' sha256 is checked when loading either
+    way; their fit to the architecture when the module is built.
+    """
+
+    __slots__ = ("_lock", "_manifest", "_module", "_weights")
+
+    def __init__(self, manifest: ModelManifest, module: torch.nn.Module | None = None, *,
+                 weights: bytes | None = None) -> None:
+        if (module is None) == (weights is None):
+            raise TypeError("give either the module or the verified weights to build it from")
+        self._manifest = manifest
+        self._module = module
+        self._weights = weights or b""
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> tuple[ModelManifest, torch.nn.Module | None, bytes]:
+        return self._manifest, self._module, self._weights  # pickled without its lock
+
+    def __setstate__(self, state: tuple[ModelManifest, torch.nn.Module | None, bytes]) -> None:
+        self._manifest, self._module, self._weights = state
+        self._lock = threading.Lock()
+
+    @property
+    def manifest(self) -> ModelManifest:
+        return self._manifest
+
+    @property
+    def module(self) -> torch.nn.Module:
+        module = self._module
+        if module is None:
+            with self._lock:
+                module = self._module
+                if module is None:
+                    module = self._module = _module_from_weights(self._manifest, self._weights)
+                    self._weights = b""
+        return module
+
+    @property
+    def built(self) -> bool:
+        """Whether :attr:`module` exists yet."""
+        return self._module is not None
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -61,9 +102,8 @@ def build_module(manifest: ModelManifest, num_classes: int | None = None) -> tor
         ) from exc
 
 
-def load_model_from_dir(manifest: ModelManifest, directory: Path) -> LoadedModel:
-    """Verify the weights' sha256, then build the module and load them (strictly)."""
-    data = read_verified_weights(directory / manifest.weights_file, manifest.weights_sha256)
+def _module_from_weights(manifest: ModelManifest, data: bytes) -> torch.nn.Module:
+    """The architecture with ``data`` (verified safetensors bytes) loaded strictly, in eval mode."""
     module = build_module(manifest)
     state = state_dict_from_safetensors(data)
     try:
@@ -73,4 +113,14 @@ def load_model_from_dir(manifest: ModelManifest, directory: Path) -> LoadedModel
             f"the weights do not fit architecture {manifest.timm_name!r}: {str(exc)[:300]}"
         ) from exc
     module.eval()
-    return LoadedModel(manifest, module)
+    return module
+
+
+def load_model_from_dir(manifest: ModelManifest, directory: Path, *, build: bool = True) -> LoadedModel:
+    """Verify the weights' sha256, then build the module and load them (strictly); with
+    ``build=False`` the module is built on first use (see :class:`LoadedModel`)."""
+    data = read_verified_weights(directory / manifest.weights_file, manifest.weights_sha256)
+    if not build:
+        check_safetensors(data)  # refused now, like a wrong digest, not at first use
+        return LoadedModel(manifest, weights=data)
+    return LoadedModel(manifest, _module_from_weights(manifest, data))

@@ -380,14 +380,18 @@ class Registry:
         read_verified_weights(entry.weights_path, entry.manifest.weights_sha256)
         return entry.manifest.weights_sha256
 
-    def load_entry(self, entry: ModelEntry) -> LoadedModel:
-        """Every registry check, then the verified load (sha256 first, then a strict load)."""
+    def load_entry(self, entry: ModelEntry, *, build: bool = True) -> LoadedModel:
+        """Every registry check, then the verified load (sha256 first, then a strict load).
+
+        ``build=False``: the same checks and sha256 now, the module built (and the weights'
+        fit to it checked) on first use, so a process that never computes a tile never
+        imports torch or timm (see :class:`LoadedModel`)."""
         self.check_promoted(entry)
         self._check_links(entry)
-        return load_model_from_dir(entry.manifest, entry.directory)
+        return load_model_from_dir(entry.manifest, entry.directory, build=build)
 
-    def load(self, ref: str) -> LoadedModel:
-        return self.load_entry(self.resolve(ref))
+    def load(self, ref: str, *, build: bool = True) -> LoadedModel:
+        return self.load_entry(self.resolve(ref), build=build)
 
     def next_version(self, name: str) -> int:
         highest = max((e.manifest.version for e in self.entries() if e.manifest.name == name), default=0)

@@ -121,30 +121,52 @@ class TileResults:
         return str(uuid.uuid5(_ID_NAMESPACE, name))
 
 
+def _numbers(values: np.ndarray, arrow_type: Any, dtype: type[np.generic]) -> Any:
+    """An Arrow array over the numbers' bytes (no copy after the cast)."""
+    import pyarrow as pa
+
+    data = np.ascontiguousarray(values, dtype=dtype)
+    return pa.Array.from_buffers(arrow_type, len(data), [None, pa.py_buffer(data)])
+
+
+def _strings(values: Sequence[str]) -> Any:
+    """An Arrow string array from its UTF-8 bytes and int32 offsets."""
+    import pyarrow as pa
+
+    encoded = [v.encode("utf-8") for v in values]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
+    np.cumsum(np.fromiter((len(e) for e in encoded), np.int64, len(encoded)), out=offsets[1:])
+    data = pa.py_buffer(b"".join(encoded))
+    return pa.Array.from_buffers(pa.string(), len(encoded), [None, pa.py_buffer(offsets), data])
+
+
 def write_tile_table(results: TileResults, path: Path) -> None:
+    # Arrays are built from their buffers, not with pa.array(): that looks for pandas
+    # objects and so imports pandas, 0.4-2 s on the first slide of every process.
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     n = len(results.rows)
     cx, cy = results.centre_um()
+    f64, f32 = pa.float64(), pa.float32()
     columns: dict[str, Any] = {
         # Constant per file, so that the tables of a cohort concatenate into one.
-        "slide_id": pa.array([results.slide_id] * n, pa.string()),
-        "model": pa.array([results.model] * n, pa.string()),
-        "row": pa.array(results.rows, pa.int32()),
-        "col": pa.array(results.cols, pa.int32()),
-        "x": pa.array(results.x, pa.float64()),
-        "y": pa.array(results.y, pa.float64()),
-        "width": pa.array(np.full(n, results.tile_w_l0), pa.float64()),
-        "height": pa.array(np.full(n, results.tile_h_l0), pa.float64()),
-        "x_um": pa.array(cx, pa.float64()),
-        "y_um": pa.array(cy, pa.float64()),
-        "cell_area_um2": pa.array(results.cell_area_um2(), pa.float64()),
-        "tissue_fraction": pa.array(results.tissue_fraction, pa.float32()),
+        "slide_id": _strings([results.slide_id] * n),
+        "model": _strings([results.model] * n),
+        "row": _numbers(results.rows, pa.int32(), np.int32),
+        "col": _numbers(results.cols, pa.int32(), np.int32),
+        "x": _numbers(results.x, f64, np.float64),
+        "y": _numbers(results.y, f64, np.float64),
+        "width": _numbers(np.full(n, results.tile_w_l0), f64, np.float64),
+        "height": _numbers(np.full(n, results.tile_h_l0), f64, np.float64),
+        "x_um": _numbers(cx, f64, np.float64),
+        "y_um": _numbers(cy, f64, np.float64),
+        "cell_area_um2": _numbers(results.cell_area_um2(), f64, np.float64),
+        "tissue_fraction": _numbers(results.tissue_fraction, f32, np.float32),
     }
     for i, name in enumerate(results.class_names):
-        columns[f"prob_{name}"] = pa.array(results.probabilities[:, i], pa.float32())
-    columns["predicted_class"] = pa.array([results.class_names[i] for i in results.predicted], pa.string())
+        columns[f"prob_{name}"] = _numbers(results.probabilities[:, i], f32, np.float32)
+    columns["predicted_class"] = _strings([results.class_names[i] for i in results.predicted])
     table = pa.table(columns)
     table = table.replace_schema_metadata({
         "wsiflow": json.dumps({
