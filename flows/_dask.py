@@ -35,12 +35,10 @@ from pipeline import (
     ChunkJob,
     ChunkTask,
     ConfigError,
-    MppPolicy,
     RunSettings,
     Slide,
     WorkerError,
     WsiflowError,
-    open_slide,
     run_chunk,
 )
 
@@ -61,7 +59,7 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 # Per worker process: slides by (path, backend, mpp).
-_SLIDES: dict[tuple[str, str, float, float], Slide] = {}
+_SLIDES: dict[tuple[str | None, str, float, float, str | None], Slide] = {}
 _MAX_OPEN_SLIDES = 8
 
 # Per process: set by Ctrl-C (from the main thread's signal handler, so only an Event).
@@ -90,18 +88,22 @@ def reset_dask_stop() -> None:
     _STOP.clear()
 
 
+def _slide_key(job: ChunkJob) -> tuple[str | None, str, float, float, str | None]:
+    return job.slide_path, job.backend, job.mpp_x, job.mpp_y, job.reader
+
+
 def _worker_slide(job: ChunkJob) -> Slide:
     """The job's slide, opened once per worker process (``job`` is attached: it has its path)."""
     path = job.slide_path
     if path is None:
         raise WorkerError(f"slide {job.slide_id}: the chunk job names no slide", transient=False)
-    key = (path, job.backend, job.mpp_x, job.mpp_y)
+    key = _slide_key(job)
     slide = _SLIDES.get(key)
     if slide is None:
         if len(_SLIDES) >= _MAX_OPEN_SLIDES:
             _SLIDES.pop(next(iter(_SLIDES))).close()
-        # The mpp was resolved (and recorded) by the client; the worker just uses it.
-        slide = open_slide(path, backend=job.backend, mpp_policy=MppPolicy.fixed(job.mpp_x, job.mpp_y))
+        # The mpp (and reader) were resolved and recorded by the client; the worker uses them.
+        slide = job.open_slide()
         _SLIDES[key] = slide
     return slide
 
@@ -128,10 +130,10 @@ def chunk_on_worker(task: ChunkTask, job: ChunkJob, model: ModelRef) -> tuple[st
     try:
         attached = job.attached()
         run_chunk(task, _worker_slide(attached), load_model_ref(model), attached.grid,
-                  Path(attached.heatmap_path), Path(attached.done_dir), attached.engine)
+                  Path(attached.heatmap_path), Path(attached.done_dir), attached.engine, reader=attached.reader)
     except WsiflowError as exc:
         if attached.slide_path is not None:
-            _SLIDES.pop((attached.slide_path, attached.backend, attached.mpp_x, attached.mpp_y), None)
+            _SLIDES.pop(_slide_key(attached), None)
         return task.name, 0, exc
     except Exception as exc:  # re-raised below, bare: Dask retries it and reports its type
         _log.debug("slide %s: chunk %s raised", job.slide_id, task.name, exc_info=True)
@@ -313,7 +315,7 @@ def dask_executor(settings: RunSettings, model: ModelRef) -> DaskChunkExecutor:
 
 
 def _load_on_worker(model: ModelRef) -> None:
-    load_model_ref(model)
+    load_model_ref(model).module  # noqa: B018 - built now, before any slide's clock starts
 
 
 def _warm_workers(client: Any, model: ModelRef) -> None:

@@ -287,7 +287,7 @@ def _compute(ctx: _Context, layout: _Layout, resumed: bool, executor: ChunkExecu
         slide_id=ctx.identity.slide_id, slide_path=os.fspath(ctx.path.resolve()), backend=slide.info.backend,
         mpp_x=slide.mpp.mpp_x, mpp_y=slide.mpp.mpp_y, grid=ctx.plan.spec,
         heatmap_path=os.fspath(folder.heatmap.resolve()), done_dir=os.fspath(folder.chunk_markers.resolve()),
-        engine=settings.engine,
+        engine=settings.engine, reader=slide.reader,
     )
     (executor or run_sequentially)(layout.pending, job, run_here, on_batch)
 

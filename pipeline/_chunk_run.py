@@ -12,8 +12,11 @@ its result folder (named by that ID); the worker reads the path back
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -23,14 +26,15 @@ import numpy as np
 from ._backend import BackendName
 from ._chunks import ChunkTask
 from ._classifier import PatchClassifier
-from ._engine import EngineSettings, classify_stream
+from ._engine import EngineSettings, EngineStats, classify_stream
 from ._errors import WorkerError
 from ._grid import GridSpec
+from ._mpp import MppPolicy
 from ._omezarr import write_heatmap_block
 from ._result import atomic_write_text
-from ._slide import Slide
+from ._slide import Slide, open_slide
 
-__all__ = ["ChunkJob", "ChunkExecutor", "run_chunk", "run_chunks", "run_sequentially", "chunk_marker"]
+__all__ = ["ChunkJob", "ChunkExecutor", "run_chunk", "run_chunks", "run_sequentially", "chunk_marker", "check_reader"]
 
 
 _SOURCE_NOTE = "slide-source.json"
@@ -54,6 +58,10 @@ class ChunkJob:
     done_dir: str
     """The chunk markers' folder (and a detached job's source note)."""
     engine: EngineSettings
+    reader: str | None = None
+    """The client's :attr:`Slide.reader` (part of the run key: pixels differ slightly between
+    readers). A worker opens the slide with the same reader (:meth:`open_slide`) and refuses
+    the chunk when it cannot; None: not checked (jobs made before the field existed)."""
 
     @property
     def source_note(self) -> Path:
@@ -107,6 +115,22 @@ class ChunkJob:
                               transient=False)
         return replace(self, slide_path=data["slide_path"])
 
+    def open_slide(self) -> Slide:
+        """The job's slide where its chunks run (an :meth:`attached` job): its backend, the
+        µm/px the client resolved, and the client's reader (the direct JPEG reader only when
+        :attr:`reader` names one). :class:`WorkerError` when this worker reads it otherwise."""
+        if self.slide_path is None:
+            raise WorkerError(f"slide {self.slide_id}: the chunk job names no slide", transient=False)
+        direct = self.reader is None or "+" in self.reader
+        slide = open_slide(self.slide_path, backend=self.backend, mpp_policy=MppPolicy.fixed(self.mpp_x, self.mpp_y),
+                           direct_reader=direct)
+        try:
+            check_reader(slide, self.reader, self.slide_id)
+        except BaseException:
+            slide.close()
+            raise
+        return slide
+
     def drop_source_note(self) -> None:
         """Remove the source note of a :meth:`detached` job (if any)."""
         self.source_note.unlink(missing_ok=True)
@@ -136,6 +160,70 @@ def run_sequentially(
     run_local(tasks)
 
 
+def check_reader(slide: Slide, reader: str | None, slide_id: str | None = None) -> None:
+    """:class:`WorkerError` (not transient) when ``slide`` is read by another reader than the
+    run's key names (``reader``; None: any): its tiles would not be the client's pixels."""
+    if reader is not None and slide.reader != reader:
+        raise WorkerError(
+            f"{f'slide {slide_id}: ' if slide_id else ''}this worker reads the slide with {slide.reader}, "
+            f"the run with {reader}",
+            hint="install the same wsiflow version (and slide libraries) on the workers as on the client",
+            transient=False,
+        )
+
+
+_ReaderSpec = tuple[str, BackendName, float, float, str]
+"""What a reader process needs to open a slide as the run does: path, backend, µm/px, reader."""
+_PROCESS_SLIDE: tuple[_ReaderSpec, Slide] | None = None
+"""In a reader process: the slide it has open (the last one asked for)."""
+_POOL_LOCK = threading.Lock()
+_POOL: tuple[int, ProcessPoolExecutor] | None = None
+"""In the main process: the reader processes, kept for later slides and chunks (started once)."""
+
+
+def _read_in_process(spec: _ReaderSpec, x: float, y: float, tile: int, mpp: float) -> np.ndarray:
+    """In a reader process: one tile of the slide ``spec`` names (opened once per slide)."""
+    global _PROCESS_SLIDE
+    if _PROCESS_SLIDE is None or _PROCESS_SLIDE[0] != spec:
+        if _PROCESS_SLIDE is not None:
+            _PROCESS_SLIDE[1].close()
+            _PROCESS_SLIDE = None
+        path, backend, mpp_x, mpp_y, reader = spec
+        slide = open_slide(path, backend=backend, mpp_policy=MppPolicy.fixed(mpp_x, mpp_y),
+                           direct_reader="+" in reader)
+        try:
+            check_reader(slide, reader)
+        except BaseException:
+            slide.close()
+            raise
+        _PROCESS_SLIDE = (spec, slide)
+    return _PROCESS_SLIDE[1].read_region_at_mpp(x, y, tile, tile, mpp)
+
+
+def _reader_pool(processes: int) -> ProcessPoolExecutor:
+    """``processes`` reader processes (spawned: this process has torch's threads running)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is not None and _POOL[0] == processes and not getattr(_POOL[1], "_broken", False):
+            return _POOL[1]
+        if _POOL is not None:
+            _POOL[1].shutdown(wait=False, cancel_futures=True)
+        pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+        _POOL = (processes, pool)
+        return pool
+
+
+def _tile_reader(slide: Slide, engine: EngineSettings, tile: int, mpp: float) -> Callable[[float, float], np.ndarray]:
+    """Reads one tile at (x, y): in this process, or in the engine's reader processes when it
+    asks for them and the slide is a file they can open again."""
+    path = getattr(slide.backend, "path", None)
+    if engine.reader_processes < 1 or path is None:
+        return lambda x, y: slide.read_region_at_mpp(x, y, tile, tile, mpp)
+    spec: _ReaderSpec = (os.fspath(path), slide.info.backend, slide.mpp.mpp_x, slide.mpp.mpp_y, slide.reader)
+    pool = _reader_pool(engine.reader_processes)
+    return lambda x, y: pool.submit(_read_in_process, spec, x, y, tile, mpp).result()
+
+
 def chunk_marker(done_dir: Path, task: ChunkTask) -> Path:
     """The file whose presence says ``task`` is finished (its heatmap block is written)."""
     return done_dir / f"{task.name}.done"
@@ -150,22 +238,30 @@ def run_chunks(
     done_dir: Path,
     engine: EngineSettings,
     on_batch: Callable[[int], None] | None = None,
+    *,
+    reader: str | None = None,
+    stats: EngineStats | None = None,
 ) -> None:
     """Classify the chunks' tiles in one stream; write each chunk's block and mark it done
-    as soon as its last tile is classified.
+    as soon as its last tile is classified. ``reader``: the run key's reader, checked
+    against ``slide`` (:func:`check_reader`); ``stats`` receives the engine's timings.
 
     One stream, not one per chunk: the readers keep decoding the next chunk's tiles while
     the model works on this one's, so small chunks (fine-grained resume) cost little speed.
     """
+    check_reader(slide, reader)
     tile, mpp = grid_spec.tile_size_px, grid_spec.target_mpp
     owner = [(t, i) for t, task in enumerate(tasks) for i in range(len(task))]
     ends = np.cumsum([len(task) for task in tasks])
     probabilities = np.empty((len(owner), len(classifier.class_names)), dtype=np.float32)
     written = 0
+    read_at = _tile_reader(slide, engine, tile, mpp)
+    if engine.reader_processes > engine.readers:  # a thread waits on each process
+        engine = replace(engine, readers=engine.reader_processes)
 
     def read(k: int) -> np.ndarray:
         t, i = owner[k]
-        return slide.read_region_at_mpp(tasks[t].x[i], tasks[t].y[i], tile, tile, mpp)
+        return read_at(tasks[t].x[i], tasks[t].y[i])
 
     def finish_chunks(start: int, batch: np.ndarray) -> None:
         nonlocal written
@@ -181,7 +277,7 @@ def run_chunks(
 
     # Batches end at chunk ends, so a resumed run computes each chunk exactly as before.
     classify_stream(classifier, read, range(len(owner)), engine, on_batch, finish_chunks,
-                    segment_ends=[int(e) for e in ends])
+                    segment_ends=[int(e) for e in ends], stats=stats)
 
 
 def run_chunk(
@@ -193,6 +289,8 @@ def run_chunk(
     done_dir: Path,
     engine: EngineSettings,
     on_batch: Callable[[int], None] | None = None,
+    *,
+    reader: str | None = None,
 ) -> None:
     """Read one chunk's tiles, classify them, write its heatmap block, mark it done."""
-    run_chunks([task], slide, classifier, grid_spec, heatmap_path, done_dir, engine, on_batch)
+    run_chunks([task], slide, classifier, grid_spec, heatmap_path, done_dir, engine, on_batch, reader=reader)

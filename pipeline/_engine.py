@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["EngineSettings", "EngineStats", "resolve_device", "classify_stream", "classify_tiles", "default_readers",
-           "batch_size_for", "MAX_BATCH_INPUT_BYTES", "MAX_TILE_INPUT_BYTES", "DEFAULT_SLIDE_TIME_LIMIT_S"]
+           "usable_cores", "batch_size_for", "batch_size_candidates", "choose_batch_size", "CPU_BATCH_SIZE",
+           "MAX_BATCH_INPUT_BYTES", "MAX_TILE_INPUT_BYTES", "DEFAULT_SLIDE_TIME_LIMIT_S"]
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -44,22 +46,55 @@ DEFAULT_SLIDE_TIME_LIMIT_S = 6 * 3600.0
 """One slide's analysis may take this long by default (``engine.slide_time_limit_s``)."""
 
 
+MAX_DEFAULT_READERS = 32
+"""Most reader threads chosen by default (a 16-core GPU server gets 16)."""
+CPU_BATCH_SIZE = 64
+"""The batch size on CPU when none is given. Measured for tissue-qc on 2 cores (2026-12-01,
+one run): 8 -> 229, 16 -> 298, 28 -> 339, 64 -> 315, 128 -> 269 tiles/s; 32-64 is the plateau,
+and 64 was the fixed default before, so CPU results do not change."""
+AUTO_BATCH_MAX = 512
+"""Largest batch an automatic choice tries on a GPU (throughput is flat well before)."""
+AUTO_BATCH_MEMORY_FRACTION = 0.7
+"""An automatic GPU batch may take this much of the memory free when it is chosen (its peak
+in a trial forward, plus the next batch's input already copied)."""
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's or ``taskset``'s
+    share), not every core of the machine."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
 def default_readers() -> int:
-    """Tile reader threads by default: one per core, at least 2, at most 8."""
-    return max(2, min(8, os.cpu_count() or 2))
+    """Tile reader threads by default: one per usable core, at least 2, at most
+    :data:`MAX_DEFAULT_READERS`. On CPU the model's torch threads use the same cores: with
+    2 cores, 2 torch threads and 2 readers time-share them best (``bench/bench_e2e.py
+    --sweep``: 1.03 x the shared-cores bound; 1 torch thread 0.63-0.72 x, 1 reader 0.90 x)."""
+    return max(2, min(MAX_DEFAULT_READERS, usable_cores()))
 
 
 @dataclass(frozen=True)
 class EngineSettings:
     """How tiles are read and batched; never changes a result's values."""
 
-    batch_size: int = 64
+    batch_size: int | None = 64
+    """Tiles per model call; None: chosen by the engine (:data:`CPU_BATCH_SIZE` on CPU; on a
+    GPU the largest that fits, from trial forwards: :func:`choose_batch_size`). The size used
+    is in :class:`EngineStats`. Either way capped by :func:`batch_size_for`."""
     readers: int = field(default_factory=default_readers)
     """Reader threads decoding tiles ahead of the model."""
     prefetch_batches: int = 2
+    reader_processes: int = 0
+    """0: the reader threads decode tiles in this process. N > 0: N processes decode them (each
+    opens the slide once, with the run's reader) and the reader threads only wait for them;
+    for many cores where decoding holds the GIL (Pillow 13's Lanczos resize of a small
+    tile does not scale past one thread). Costs a process start-up (~1-3 s) per run."""
     device: Device = "auto"
-    cpu_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    """torch threads on CPU. Fixed by the client and shipped with each chunk, so workers
+    cpu_threads: int = field(default_factory=usable_cores)
+    """torch threads on CPU (default: the usable cores). Fixed by the client and shipped with each chunk, so workers
     (where Dask sets OMP_NUM_THREADS=1) compute with the same thread count, hence the
     same floating-point results, as a local run."""
     slide_time_limit_s: float | None = DEFAULT_SLIDE_TIME_LIMIT_S
@@ -74,11 +109,15 @@ class EngineSettings:
                 f"slide_time_limit_s = {self.slide_time_limit_s!r} must be a positive number of seconds",
                 hint="use null (or --slide-time-limit 0) for no limit",
             )
-        if self.batch_size < 1 or self.readers < 1 or self.prefetch_batches < 1 or self.cpu_threads < 1:
+        if (self.batch_size is not None and self.batch_size < 1) or min(
+            self.readers, self.prefetch_batches, self.cpu_threads
+        ) < 1:
             raise ConfigError(
                 f"batch_size ({self.batch_size}), readers ({self.readers}) and prefetch_batches "
                 f"({self.prefetch_batches}) must be at least 1"
             )
+        if self.reader_processes < 0:
+            raise ConfigError(f"reader_processes ({self.reader_processes}) must be 0 (threads only) or more")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device {self.device!r} is not auto, cpu or cuda")
 
@@ -204,6 +243,10 @@ class EngineStats:
     """Time the model loop waited for reader threads (the reader bound shows here)."""
     gpu_busy_s: float | None = None
     """Time the GPU spent computing (CUDA events), None on CPU."""
+    batch_size: int = 0
+    """The batch size used (the settings', or the one chosen when they leave it to the engine)."""
+    readers: int = 0
+    cpu_threads: int = 0
 
 
 _REDUCED: set[tuple[int, int]] = set()
@@ -232,6 +275,84 @@ def batch_size_for(tile_size_px: int, batch_size: int) -> int:
     return fits
 
 
+def batch_size_candidates(tile_size_px: int, largest: int = AUTO_BATCH_MAX) -> tuple[int, ...]:
+    """Sizes an automatic choice tries, smallest first: powers of two from 8 up to
+    ``largest`` and the input cap of :func:`batch_size_for` (the cap itself when it is not
+    a power of two); just the cap when it is below 8."""
+    cap = batch_size_for(tile_size_px, largest)
+    sizes = [n for n in (2**k for k in range(3, 16)) if n <= cap]
+    if not sizes or sizes[-1] != cap:
+        sizes.append(cap)
+    return tuple(sizes)
+
+
+def choose_batch_size(candidates: Sequence[int], fits: Callable[[int], bool]) -> int:
+    """The largest of ``candidates`` (ascending) that ``fits``, trying them in order and
+    stopping at the first that does not (memory grows with the batch). When even the
+    smallest does not fit: halving down from it, the first that fits; 1 when none does
+    (the model then fails on its own, with its own error, as with any batch size)."""
+    chosen = None
+    for n in candidates:
+        if not fits(n):
+            break
+        chosen = n
+    if chosen is not None:
+        return chosen
+    n = candidates[0] // 2 if candidates else 0
+    while n > 1 and not fits(n):
+        n //= 2
+    return max(1, n)
+
+
+def _trial_fits(model: _Model, tile: int, n: int, budget_bytes: int | None) -> bool:
+    """Whether a batch of ``n`` tiles runs on ``model``'s device: no out-of-memory error and,
+    on a GPU, its peak memory plus the next batch's input within ``budget_bytes``."""
+    import torch
+
+    on_device = None
+    try:
+        if model.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(model.device)
+            before = torch.cuda.memory_allocated(model.device)
+        on_device = torch.zeros((n, tile, tile, 3), dtype=torch.uint8, device=model.device)
+        model.forward(on_device)
+        if model.cuda:
+            torch.cuda.synchronize(model.device)
+            peak = torch.cuda.max_memory_allocated(model.device) - before
+            return budget_bytes is None or peak + n * tile * tile * 3 <= budget_bytes
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        del on_device
+        if model.cuda:
+            torch.cuda.empty_cache()
+
+
+_AUTO_CHOSEN: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[int, str], int]] = weakref.WeakKeyDictionary()
+
+
+def _auto_batch_size(model: _Model, tile: int) -> int:
+    """The engine's batch size when the settings leave it open: :data:`CPU_BATCH_SIZE` on CPU
+    (capped for large tiles); on a GPU the largest candidate that fits in
+    :data:`AUTO_BATCH_MEMORY_FRACTION` of the free memory, found once per model, tile size
+    and device in this process (trial forwards at growing sizes, backing off on OOM)."""
+    if not model.cuda:
+        return batch_size_for(tile, CPU_BATCH_SIZE)
+    import torch
+
+    key = (tile, str(model.device))
+    known = _AUTO_CHOSEN.setdefault(model.module, {})
+    if key not in known:
+        free_bytes, _ = torch.cuda.mem_get_info(model.device)
+        budget = int(free_bytes * AUTO_BATCH_MEMORY_FRACTION)
+        known[key] = choose_batch_size(batch_size_candidates(tile), lambda n: _trial_fits(model, tile, n, budget))
+        _log.info("batch size %d chosen for %d px tiles on %s (%.1f GiB free)", known[key], tile, model.device,
+                  free_bytes / 2**30)
+    return known[key]
+
+
 def classify_stream(
     classifier: PatchClassifier,
     read_tile: Callable[[int], np.ndarray],
@@ -254,8 +375,11 @@ def classify_stream(
     """
     started = time.perf_counter()
     tile = classifier.preprocessing.tile_size_px
-    batch_size = batch_size_for(tile, settings.batch_size)  # before anything is allocated
+    # Before anything is allocated: refuses tiles too large for any batch.
+    batch_size = batch_size_for(tile, settings.batch_size or CPU_BATCH_SIZE)
     model = _Model(classifier, resolve_device(settings.device), settings.cpu_threads)
+    if settings.batch_size is None:
+        batch_size = _auto_batch_size(model, tile)
     out = np.empty((len(indices), len(classifier.class_names)), dtype=np.float32)
     if not len(indices):
         return out
@@ -284,12 +408,20 @@ def classify_stream(
         next_batch = 0
         done = 0
         in_flight: tuple[int, tuple[torch.Tensor, torch.cuda.Event, torch.cuda.Event, torch.cuda.Event]] | None = None
+        # Read ahead by tiles, not batches: batches end at chunk ends, and a run of small ones
+        # (a chunk's last few tiles, 1-tile chunks) must not leave the readers idle.
+        ahead_limit = (settings.prefetch_batches + 1) * batch_size
+        ahead = 0
         try:
             for batch in batches:
-                while next_batch < len(batches) and len(pending) < settings.prefetch_batches + 1:
+                while next_batch < len(batches) and (
+                    not pending or ahead + len(batches[next_batch]) <= ahead_limit
+                ):
                     pending.append(read_batch(batches[next_batch], pool))
+                    ahead += len(batches[next_batch])
                     next_batch += 1
                 futures = pending.popleft()
+                ahead -= len(futures)
                 tiles = (cuda.host_buffer(len(batch)) if cuda is not None
                          else np.empty((len(batch), tile, tile, 3), dtype=np.uint8))
                 wait_start = time.perf_counter()
@@ -314,6 +446,7 @@ def classify_stream(
     if stats is not None:
         stats.tiles, stats.wall_s, stats.wait_for_readers_s = len(indices), time.perf_counter() - started, waited
         stats.gpu_busy_s = cuda.busy_s if cuda is not None else None
+        stats.batch_size, stats.readers, stats.cpu_threads = batch_size, settings.readers, settings.cpu_threads
     return out
 
 
