@@ -28,10 +28,10 @@ from .._federate import (
     STRATEGIES,
     FederationSettings,
     TlsFiles,
-    join_federation,
-    serve_federation,
     settings_json,
 )
+from .._federate_serve import serve_federation
+from .._federate_site import join_federation
 from ._common import EXIT_OK, mpp_arg, positive_int
 from ._models import registry_for
 
