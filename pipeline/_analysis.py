@@ -371,6 +371,11 @@ def analyse_slide(
                     _stage(progress, sid, "reused", "a complete result with the same parameters exists")
                     return _reused(plan.folder, attempt, sid)
                 resumed = _prepare_work(plan.folder, plan.key, settings.force)
+                if executor is None and not getattr(classifier, "built", True):
+                    # A model loaded lazily (models.LoadedModel) is built here, once per process:
+                    # not for a reused result, and not inside the inference's clock.
+                    _stage(progress, sid, "building model")
+                    classifier.module  # noqa: B018
                 clock.lap("prepare_s")
                 ctx = _Context(slide_path, slide, ident, classifier, model, settings, plan)
                 deadline = _Deadline(settings.engine.slide_time_limit_s, attempt.started)

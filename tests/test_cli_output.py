@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-STAGES = ("loading model", "opening", "finding tissue", "classifying", "writing results")
+STAGES = ("loading model", "opening", "building model", "finding tissue", "classifying", "writing results")
 SID_LINE = re.compile(r"^\[1/1\] s-[0-9a-f]{20}: (.+)$")
 
 
@@ -30,7 +30,7 @@ def test_run_prints_each_stage_named_by_slide_id_and_no_logs(wsiflow_cli, cmu_sv
     # Every stage, in order, each on its own line before the result line.
     assert [next(s for s in stages if s.startswith(name)) for name in STAGES] == [
         s for s in stages if s.startswith(STAGES)]
-    assert stages[3].startswith("classifying (65 tiles in ")
+    assert stages[4].startswith("classifying (65 tiles in ")
     assert not [line for line in done.stderr.splitlines() if line.startswith(("INFO", "DEBUG"))]
     assert cmu_svs.name not in done.stderr + done.stdout
 
