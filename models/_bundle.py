@@ -27,6 +27,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline import WsiflowError
+
 from ._errors import (
     BundleError,
     DowngradeError,
@@ -121,27 +123,34 @@ def keygen(private_key_path: Path) -> tuple[Path, str]:
     return public_path, fingerprint(public_key)
 
 
-def _private_key(path: Path) -> Ed25519PrivateKey:
+def read_private_key(
+    path: Path, error: type[WsiflowError], what: str, make_hint: str, read_hint: str | None = None
+) -> Ed25519PrivateKey:
+    """An Ed25519 private key (PKCS8 PEM; encrypted ones need ``$WSIFLOW_KEY_PASSPHRASE``);
+    ``error`` (named ``what``, with the hints) when it cannot be read or is not one."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise BundleError(f"the publisher key cannot be read ({exc.strerror or type(exc).__name__})") from None
+        raise error(f"the {what} cannot be read ({exc.strerror or type(exc).__name__})", hint=read_hint) from None
     passphrase = os.environ.get(PASSPHRASE_ENV)
     try:
         key = load_pem_private_key(data, password=passphrase.encode("utf-8") if passphrase else None)
     except TypeError:
-        raise BundleError("the publisher key is encrypted", hint=f"set {PASSPHRASE_ENV} to its passphrase") from None
+        raise error(f"the {what} is encrypted", hint=f"set {PASSPHRASE_ENV} to its passphrase") from None
     except ValueError:
-        raise BundleError("the publisher key is not a PEM private key (or the passphrase is wrong)",
-                          hint="make one with `wsiflow models keygen --out KEY.pem` or "
-                               "`openssl genpkey -algorithm ed25519 -out KEY.pem`") from None
+        raise error(f"the {what} is not a PEM private key (or the passphrase is wrong)", hint=make_hint) from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise BundleError("the publisher key is not an Ed25519 key",
-                          hint="make one with `openssl genpkey -algorithm ed25519 -out KEY.pem`")
+        raise error(f"the {what} is not an Ed25519 key", hint=make_hint)
     return key
+
+
+def _private_key(path: Path) -> Ed25519PrivateKey:
+    return read_private_key(path, BundleError, "publisher key",
+                            "make one with `wsiflow models keygen --out KEY.pem` or "
+                            "`openssl genpkey -algorithm ed25519 -out KEY.pem`")
 
 
 # -- packing ----------------------------------------------------------------------------

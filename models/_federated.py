@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._bundle import PASSPHRASE_ENV
+from ._bundle import read_private_key
 from ._errors import BundleError, FederationAuthError, FederationError, FederationPayloadError
 from ._loading import LoadedModel
 from ._manifest import Lineage, ModelManifest, now_iso
@@ -201,26 +200,9 @@ def site_auth_message(round_: int, site_id: str, challenge: bytes, mask_key: byt
 def load_site_key(path: Path) -> Ed25519PrivateKey:
     """A site's Ed25519 identity key (PKCS8 PEM, as ``wsiflow federate keygen`` writes it;
     encrypted ones need ``$WSIFLOW_KEY_PASSPHRASE``)."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise FederationAuthError(f"the site key cannot be read ({exc.strerror or type(exc).__name__})",
-                                  hint="check --site-key (or federation.join.site_key_file)") from None
-    passphrase = os.environ.get(PASSPHRASE_ENV)
-    try:
-        key = load_pem_private_key(data, password=passphrase.encode("utf-8") if passphrase else None)
-    except TypeError:
-        raise FederationAuthError("the site key is encrypted", hint=f"set {PASSPHRASE_ENV} to its passphrase") from None
-    except ValueError:
-        raise FederationAuthError("the site key is not a PEM private key (or the passphrase is wrong)",
-                                  hint="make one with `wsiflow federate keygen --out site.pem`") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise FederationAuthError("the site key is not an Ed25519 key",
-                                  hint="make one with `wsiflow federate keygen --out site.pem`")
-    return key
+    return read_private_key(path, FederationAuthError, "site key",
+                            "make one with `wsiflow federate keygen --out site.pem`",
+                            read_hint="check --site-key (or federation.join.site_key_file)")
 
 
 def site_public_key(key: Ed25519PrivateKey) -> bytes:
