@@ -232,21 +232,25 @@ def test_three_sites_beat_local_models_and_send_only_parameters(tmp_path):
     assert fed_score >= central - 0.2, (fed_score, central)  # stated tolerance: 0.2 of pooled central training
 
 
+def _wait_until_training_round_2(home: Path, timeout_s: float) -> None:
+    """Return once the site of ``home`` reports training round 2 (its status file)."""
+    status = home / "federation"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = list(status.glob("*/status.json")) if status.exists() else []
+        if found and json.loads(found[0].read_text() or "{}") == {"state": "training", "round": 2}:
+            return
+        time.sleep(0.05)
+    pytest.fail("the site never started round 2")
+
+
 def test_a_site_dropping_out_mid_round_does_not_stop_the_federation(tmp_path):
     sites, homes, tls = _setup(tmp_path)
     port = _free_port()
     # Sites first: each waits for the coordinator's port (Flower's client alone gives up at once).
     joins = [_join(s, homes[s.name], tls[0], port) for s in sites]
     server = _serve(homes, tls, port, "--min-sites", "2", "--allow-any-site")
-    status = homes[sites[2].name] / "federation"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # kill the third site while it trains round 2
-        found = list(status.glob("*/status.json")) if status.exists() else []
-        if found and json.loads(found[0].read_text() or "{}") == {"state": "training", "round": 2}:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail("the third site never started round 2")
+    _wait_until_training_round_2(homes[sites[2].name], 120)  # then kill the third site mid-round
     joins[2].send_signal(signal.SIGKILL)
     joins[2].wait()
     results = [json.loads(_finish(j)) for j in joins[:2]]
@@ -277,20 +281,12 @@ def test_secure_aggregation_with_node_auth_and_dp_survives_an_intruder_and_a_dro
     intruder = _join(sites[0], homes["intruder"], tls[0], port, "--site-key", str(tmp_path / "keys" / "intruder.pem"))
     server = _serve(homes, tls, port, "--min-sites", "2", "--rounds", "2", *epochs, "--secure-aggregation",
                     "--dp-clip", "2.0", "--dp-noise", "0.01", "--site-keys", str(listed))
-    status = homes[sites[2].name] / "federation"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:  # kill the third site once it holds round 2's keys (it is training)
-        found = list(status.glob("*/status.json")) if status.exists() else []
-        if found and json.loads(found[0].read_text() or "{}") == {"state": "training", "round": 2}:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail("the third site never started round 2")
+    _wait_until_training_round_2(homes[sites[2].name], 180)  # it holds round 2's mask keys: kill it now
     joins[2].send_signal(signal.SIGKILL)
     joins[2].wait()
     results = [json.loads(_finish(j, timeout=240)) for j in joins[:2]]
     report = json.loads(_finish(server, timeout=240))
-    out, err = intruder.communicate(timeout=60)
+    _out, err = intruder.communicate(timeout=60)
     assert intruder.returncode != 0 and "federation-auth" in err, err[-2000:]
 
     assert report["rounds_completed"] == 2, report
