@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("WSIFLOW_TEST_DATA", ROOT.parent / "shared" / "data"))
 SAMPLE_FALLBACK = ROOT / ".cache" / "sample" / "CMU-1-Small-Region.svs"
+
+
+def _let_children_get_ctrl_c() -> None:
+    """Let the tests' child processes get Ctrl-C as a terminal's programs do. A test run
+    started in the background by a non-interactive shell (`nohup ... &`, some CI runners)
+    begins with SIGINT ignored, and every child would inherit that: `wsiflow serve` and
+    `pacs watch` (which rely on Python's KeyboardInterrupt) would then never see the SIGINT
+    the tests send them. Handlers reset to the default across exec; "ignored" does not."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -161,6 +172,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     """The network guard, and a virtual screen for napari when there is none (Qt needs one for OpenGL)."""
     global _XVFB
+    _let_children_get_ctrl_c()
     _install_netguard()
     if os.environ.get("DISPLAY") or shutil.which("Xvfb") is None:
         return

@@ -27,6 +27,10 @@ from tests.conftest import shared_file
 pytest.importorskip("prefect")
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _env(prefect_server) -> dict[str, str]:
     return {**os.environ, "PREFECT_API_URL": prefect_server["url"], "PREFECT_HOME": str(prefect_server["home"])}
 
@@ -280,6 +284,9 @@ def test_served_looks_are_named_logged_and_fail_when_slides_fail(prefect_server,
             [*wsiflow_cli, "serve", "--inbox", str(inbox), "--out", str(tmp_path / "out"), "--interval", "3600",
              "--stride", "112"],
             env=_env(prefect_server), stdout=out, stderr=err, text=True,
+            # Started as a non-interactive shell's background job is: SIGINT ignored. Ctrl-C
+            # (kill -INT) must still stop it cleanly.
+            preexec_fn=_ignore_sigint,
         )
     try:
         deadline = time.monotonic() + 120

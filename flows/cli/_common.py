@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from typing import NoReturn
 
 from pipeline import ConfigError
 
 __all__ = [
     "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "OneLineArgumentParser", "mpp_arg", "positive_int",
+    "ctrl_c_stops_this_process",
 ]
 
 EXIT_OK = 0
@@ -19,6 +22,15 @@ EXIT_USAGE = 2
 """Bad arguments or config; nothing was processed."""
 EXIT_INTERRUPTED = 130
 """Stopped by Ctrl-C (128 + SIGINT, as shells report it)."""
+
+
+def ctrl_c_stops_this_process() -> None:
+    """Make SIGINT raise ``KeyboardInterrupt`` here even when this process was started with
+    it ignored (a non-interactive shell's ``cmd &``, some CI runners and supervisors): a
+    long-running command (``serve``, ``pacs watch``) must stop cleanly on Ctrl-C or
+    ``kill -INT`` as ``run`` does, not keep its deployment scheduled until SIGKILL."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

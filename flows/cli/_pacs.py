@@ -24,7 +24,7 @@ from .._model_ref import resolve_model
 from .._pacs import PacsLook, PacsSlide, check_dicomweb, pacs_look, save_watch
 from .._pacs_listen import PacsListener, parse_node
 from .._runs import SlideRunner, interruptible
-from ._common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK
+from ._common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ctrl_c_stops_this_process
 from ._options import add_settings_options, build_run_settings, pin_and_check_model
 from ._serve import _require_prefect_api, check_inbox_settings, config_source, serve_options
 
@@ -167,6 +167,7 @@ def _serve_watch(args: argparse.Namespace, config: WsiflowConfig) -> int:
           f"wsiflow-pacs-watch/{watch_id}, looking every {args.interval_s:g} s; Ctrl-C stops", flush=True)
     stopped = (f"wsiflow: pacs watch stopped: deployment wsiflow-pacs-watch/{watch_id} is paused; the ledger of "
                f"archive {watch_id} is kept (watch the same --dicomweb again to continue it)")
+    ctrl_c_stops_this_process()
     try:
         asyncio.run(runner.start())
     except KeyboardInterrupt:

@@ -16,7 +16,7 @@ from pipeline import OFFLINE_ENV, ConfigError, RunSettings
 
 from .._config import WsiflowConfig
 from .._model_ref import describe_model
-from ._common import EXIT_INTERRUPTED, EXIT_OK, positive_int
+from ._common import EXIT_INTERRUPTED, EXIT_OK, ctrl_c_stops_this_process, positive_int
 from ._options import add_settings_options, build_run_settings, pin_and_check_model
 
 __all__ = ["add_serve_parser", "add_server_parser", "run_serve", "run_server", "register_inbox",
@@ -177,6 +177,7 @@ def run_serve(args: argparse.Namespace, config: WsiflowConfig) -> int:
     when = f"every {schedule['interval']} s" if "interval" in schedule else f"on cron '{schedule['cron']}'"
     print(f"serving inbox {inbox_id}{' (continued: its ledger is kept)' if resumed else ''} as deployment "
           f"wsiflow-inbox/{inbox_id}, looking {when}; Ctrl-C stops", flush=True)
+    ctrl_c_stops_this_process()
     try:
         asyncio.run(runner.start())
     except KeyboardInterrupt:
