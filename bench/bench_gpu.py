@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -97,7 +96,7 @@ def _reader_rate(read, count: int, threads: int) -> float:
 
 def measure_model(name: str, classifier, slide, device: str, args: argparse.Namespace) -> dict[str, object]:
     from pipeline import EngineSettings, EngineStats, GridSpec, classify_stream
-    from pipeline._engine import _auto_batch_size, _Model, batch_size_for
+    from pipeline._engine import _auto_batch_size, _Model, batch_size_for, usable_cores
 
     prep = classifier.preprocessing
     spec = GridSpec(prep.tile_size_px, prep.target_mpp)
@@ -120,7 +119,7 @@ def measure_model(name: str, classifier, slide, device: str, args: argparse.Name
 
     reader = _reader_rate(read, count, args.readers)
     scaling_tiles = min(count, args.scaling_tiles)
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     scaling = {str(n): round(_reader_rate(read, scaling_tiles, n), 1) for n in sorted({1, max(1, cores // 2), cores})}
     # The same tiles decoded in reader processes (the engine's reader_processes option).
     from dataclasses import replace

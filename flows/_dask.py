@@ -94,9 +94,6 @@ def _slide_key(job: ChunkJob) -> tuple[str | None, str, float, float, str | None
 
 def _worker_slide(job: ChunkJob) -> Slide:
     """The job's slide, opened once per worker process (``job`` is attached: it has its path)."""
-    path = job.slide_path
-    if path is None:
-        raise WorkerError(f"slide {job.slide_id}: the chunk job names no slide", transient=False)
     key = _slide_key(job)
     slide = _SLIDES.get(key)
     if slide is None:

@@ -23,6 +23,7 @@ from models import (
     dequantise,
     parameter_arrays,
     parameter_shapes,
+    short_fingerprint,
     site_auth_message,
     site_fingerprint,
     unmask_sum,
@@ -155,9 +156,10 @@ def _make_strategy(base: LoadedModel, settings: FederationSettings, rounds_out: 
                     else:
                         fingerprint = verify_site(allowed, public, properties.get("signature", b""), message)
                         if any(a.fingerprint == fingerprint for a in admitted.values()):
-                            raise FederationAuthError(f"site key {fingerprint[:23]} answered twice in one round")
+                            raise FederationAuthError(
+                                f"site key {short_fingerprint(fingerprint)} answered twice in one round")
                 except FederationError as exc:
-                    shown = site_fingerprint(public if isinstance(public, bytes) else b"")[:23]
+                    shown = short_fingerprint(site_fingerprint(public if isinstance(public, bytes) else b""))
                     _log.warning("round %d: site key %s refused: %s", server_round, shown, exc.one_line())
                     self.refused_ids.add(proxy.cid)
                     self.round_refused.append(shown)

@@ -40,6 +40,7 @@ from models import (
     parameter_shapes,
     proximal_hooks,
     quantise,
+    short_fingerprint,
     sign_challenge,
     site_auth_message,
     site_fingerprint,
@@ -175,7 +176,7 @@ class _Site:
         if question == "refused":
             shown = "(none)"
             if self.site_key is not None:
-                shown = site_fingerprint(site_public_key(self.site_key))[:23]
+                shown = short_fingerprint(site_fingerprint(site_public_key(self.site_key)))
             raise FederationAuthError(f"the coordinator refused this site's key {shown}",
                                       hint="send the fingerprint `wsiflow federate keygen` printed to the "
                                            "coordinator's operator, to be added to its --site-keys list")

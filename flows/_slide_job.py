@@ -83,7 +83,8 @@ def _progress(job: SlideJob) -> TerminalProgress:
 
 
 def prepare_job(job: SlideJob, model: ModelRef) -> None:
-    """Load the model in this process (once), before the slide's time limit starts counting."""
+    """Load and verify the model in this process (once), before the slide's time limit starts
+    counting; its module is built when a slide first computes tiles (never for a reused result)."""
     if not loaded_models():  # the first slide in this process loads it
         _log.info("loading model %s", model.ref)
         _progress(job).stage("loading model", model.ref)

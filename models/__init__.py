@@ -71,7 +71,7 @@ from ._secagg import (
     unmask_sum,
 )
 from ._train import EpochStats, TrainSettings, train_module
-from ._trust import TrustedKey, trust_key, trusted_keys, untrust_key
+from ._trust import TrustedKey, short_fingerprint, trust_key, trusted_keys, untrust_key
 from ._validate import validate_arrays
 
 __all__ = [
@@ -90,6 +90,7 @@ __all__ = [
     "sign_challenge",
     "site_auth_message",
     "site_fingerprint",
+    "short_fingerprint",
     "site_public_key",
     "verify_site",
     "SECAGG_PROTOCOL",

@@ -41,7 +41,7 @@ from ._loading import build_module
 from ._manifest import MANIFEST_NAME, SCHEMA, ModelManifest, now_iso, parse_manifest
 from ._registry import ModelEntry, Registry
 from ._sealing import canonical_json
-from ._trust import TrustedKey, find_trusted_key, fingerprint, parse_public_key
+from ._trust import TrustedKey, find_trusted_key, fingerprint, parse_public_key, short_fingerprint
 from ._weights import (
     check_safetensors,
     read_verified_weights,
@@ -274,7 +274,8 @@ def open_bundle(registry: Registry, path: Path) -> VerifiedBundle:
     trusted = find_trusted_key(registry, statement["publisher"])
     if trusted is None:
         raise UntrustedPublisherError(
-            f"the bundle is signed by key {statement['publisher'][:23]}..., which this site does not trust"
+            f"the bundle is signed by key {short_fingerprint(statement['publisher'])}..., "
+            "which this site does not trust"
         )
     public_key = parse_public_key(trusted.public_key_pem.encode("ascii"))
     try:

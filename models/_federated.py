@@ -24,7 +24,7 @@ from ._errors import BundleError, FederationAuthError, FederationError, Federati
 from ._loading import LoadedModel
 from ._manifest import Lineage, ModelManifest, now_iso
 from ._secagg import MASK_KEY_BYTES, SEED_BYTES
-from ._trust import fingerprint
+from ._trust import fingerprint, raw_key_fingerprint, short_fingerprint
 from ._weights import sha256_bytes, state_dict_to_safetensors
 
 if TYPE_CHECKING:
@@ -279,7 +279,7 @@ def read_site_keys(path: Path) -> SiteAllowList:
 def site_fingerprint(public_key: bytes) -> str:
     """``SHA256:<hex>`` of a site's raw 32-byte Ed25519 public key (as ``wsiflow federate keygen``
     prints it); "unknown" for anything else."""
-    return "SHA256:" + hashlib.sha256(public_key).hexdigest() if len(public_key) == 32 else "unknown"
+    return raw_key_fingerprint(public_key) if len(public_key) == 32 else "unknown"
 
 
 def verify_site(allowed: SiteAllowList | None, public_key: bytes, signature: bytes, message: bytes) -> str:
@@ -293,12 +293,12 @@ def verify_site(allowed: SiteAllowList | None, public_key: bytes, signature: byt
     key = Ed25519PublicKey.from_public_bytes(public_key)
     print_ = fingerprint(key)
     if allowed is not None and print_ not in allowed.fingerprints:
-        raise FederationAuthError(f"site key {print_[:23]} is not on the coordinator's allow-list")
+        raise FederationAuthError(f"site key {short_fingerprint(print_)} is not on the coordinator's allow-list")
     try:
         key.verify(signature, message)
     except InvalidSignature:
-        raise FederationAuthError(f"site key {print_[:23]}: the signature over this round's challenge does not "
-                                  "verify") from None
+        raise FederationAuthError(f"site key {short_fingerprint(print_)}: the signature over this round's "
+                                  "challenge does not verify") from None
     return print_
 
 

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 __all__ = [
     "TrustedKey",
     "fingerprint",
+    "raw_key_fingerprint",
+    "short_fingerprint",
     "parse_public_key",
     "trusted_keys",
     "trust_key",
@@ -49,13 +51,23 @@ class TrustedKey:
 
     @property
     def short(self) -> str:
-        return self.fingerprint[:23]
+        return short_fingerprint(self.fingerprint)
+
+
+def raw_key_fingerprint(raw_public_key: bytes) -> str:
+    """``SHA256:`` and the hex sha256 of a raw 32-byte Ed25519 public key."""
+    return "SHA256:" + hashlib.sha256(raw_public_key).hexdigest()
 
 
 def fingerprint(key: Ed25519PublicKey) -> str:
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-    return "SHA256:" + hashlib.sha256(key.public_bytes(Encoding.Raw, PublicFormat.Raw)).hexdigest()
+    return raw_key_fingerprint(key.public_bytes(Encoding.Raw, PublicFormat.Raw))
+
+
+def short_fingerprint(full: str) -> str:
+    """``SHA256:`` and the first 16 hex digits: what messages and logs show of a key."""
+    return full[:23]
 
 
 def parse_public_key(data: bytes) -> Ed25519PublicKey:
@@ -117,7 +129,8 @@ def trust_key(registry: Registry, public_key_file: Path, name: str) -> TrustedKe
     keys = body.setdefault("keys", {})
     fp = fingerprint(key)
     if name in keys:
-        raise BundleError(f"a publisher named {name!r} is already trusted ({keys[name]['fingerprint'][:23]}...)",
+        known_print = short_fingerprint(keys[name]["fingerprint"])
+        raise BundleError(f"a publisher named {name!r} is already trusted ({known_print}...)",
                           hint=f"remove it first: `wsiflow models trust remove {name}`")
     for other, known in keys.items():
         if known["fingerprint"] == fp:

@@ -121,15 +121,7 @@ class ChunkJob:
         :attr:`reader` names one). :class:`WorkerError` when this worker reads it otherwise."""
         if self.slide_path is None:
             raise WorkerError(f"slide {self.slide_id}: the chunk job names no slide", transient=False)
-        direct = self.reader is None or "+" in self.reader
-        slide = open_slide(self.slide_path, backend=self.backend, mpp_policy=MppPolicy.fixed(self.mpp_x, self.mpp_y),
-                           direct_reader=direct)
-        try:
-            check_reader(slide, self.reader, self.slide_id)
-        except BaseException:
-            slide.close()
-            raise
-        return slide
+        return _open_as_run(self.slide_path, self.backend, self.mpp_x, self.mpp_y, self.reader, self.slide_id)
 
     def drop_source_note(self) -> None:
         """Remove the source note of a :meth:`detached` job (if any)."""
@@ -160,6 +152,21 @@ def run_sequentially(
     run_local(tasks)
 
 
+def _open_as_run(path: str, backend: BackendName, mpp_x: float, mpp_y: float, reader: str | None,
+                 slide_id: str | None = None) -> Slide:
+    """``path`` opened as the run opened it: its backend, the µm/px it resolved, and its
+    reader (the direct JPEG reader unless ``reader`` names the backend alone; None: as
+    :func:`open_slide` does by default), checked (:func:`check_reader`)."""
+    slide = open_slide(path, backend=backend, mpp_policy=MppPolicy.fixed(mpp_x, mpp_y),
+                       direct_reader=reader is None or "+" in reader)
+    try:
+        check_reader(slide, reader, slide_id)
+    except BaseException:
+        slide.close()
+        raise
+    return slide
+
+
 def check_reader(slide: Slide, reader: str | None, slide_id: str | None = None) -> None:
     """:class:`WorkerError` (not transient) when ``slide`` is read by another reader than the
     run's key names (``reader``; None: any): its tiles would not be the client's pixels."""
@@ -188,15 +195,7 @@ def _read_in_process(spec: _ReaderSpec, x: float, y: float, tile: int, mpp: floa
         if _PROCESS_SLIDE is not None:
             _PROCESS_SLIDE[1].close()
             _PROCESS_SLIDE = None
-        path, backend, mpp_x, mpp_y, reader = spec
-        slide = open_slide(path, backend=backend, mpp_policy=MppPolicy.fixed(mpp_x, mpp_y),
-                           direct_reader="+" in reader)
-        try:
-            check_reader(slide, reader)
-        except BaseException:
-            slide.close()
-            raise
-        _PROCESS_SLIDE = (spec, slide)
+        _PROCESS_SLIDE = (spec, _open_as_run(*spec))
     return _PROCESS_SLIDE[1].read_region_at_mpp(x, y, tile, tile, mpp)
 
 
