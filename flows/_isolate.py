@@ -100,6 +100,11 @@ def _child_start(started: Any) -> None:
     tqdm.set_lock(threading.RLock())
 
 
+def _restart_slide_clock() -> None:
+    """In the child: the model was just built; building it does not count against the limit."""
+    _STARTED.value = time.monotonic()
+
+
 def _analyse_in_child(job: SlideJob, settings: RunSettings, model: ModelRef, info: ModelInfo) -> SlideOutcome:
     global _IN_SLIDE
     _IN_SLIDE = True  # first, then look: a stop between the two is not missed
@@ -112,7 +117,7 @@ def _analyse_in_child(job: SlideJob, settings: RunSettings, model: ModelRef, inf
             _log.debug("loading the model failed", exc_info=True)
             return failed_job(job, info, exc if isinstance(exc, WsiflowError) else contained_error(exc))
         _STARTED.value = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process
-        return analyse_job(job, settings, model, info)
+        return analyse_job(job, settings, model, info, on_model_built=_restart_slide_clock)
     finally:
         if _STARTED is not None:
             _STARTED.value = 0.0

@@ -127,7 +127,8 @@ def contained_error(exc: Exception) -> WorkerError:
     )
 
 
-def analyse_job(job: SlideJob, settings: RunSettings, model: ModelRef, info: ModelInfo) -> SlideOutcome:
+def analyse_job(job: SlideJob, settings: RunSettings, model: ModelRef, info: ModelInfo,
+                on_model_built: Callable[[], None] | None = None) -> SlideOutcome:
     """Analyse one slide in this process (the model is loaded once per process). Never
     raises but for Ctrl-C (``KeyboardInterrupt``, :class:`SlideInterrupted`): any failure
     is the slide's outcome (see the module's docstring)."""
@@ -140,7 +141,7 @@ def analyse_job(job: SlideJob, settings: RunSettings, model: ModelRef, info: Mod
             executor = dask_executor(settings, model)
         return analyse_slide(
             job.path, load_model_ref(model), info, settings, secret=site_secret(), identity=job.identity,
-            executor=executor, progress=_progress(job),
+            executor=executor, progress=_progress(job), on_model_built=on_model_built,
         )
     except SlideInterrupted:
         raise

@@ -351,10 +351,13 @@ def analyse_slide(
     identity: SlideIdentity | None = None,
     executor: ChunkExecutor | None = None,
     progress: Progress | None = None,
+    on_model_built: Callable[[], None] | None = None,
 ) -> SlideOutcome:
     """Analyse one slide with ``settings``; wsiflow errors are returned in the outcome, never raised.
 
-    ``identity`` (computed once by the caller) saves hashing the slide again.
+    ``identity`` (computed once by the caller) saves hashing the slide again. A lazily loaded
+    model is built here when the slide needs it; that time does not count against the slide's
+    time limit, and ``on_model_built`` tells the caller when it is done (a watchdog restarts its clock).
     """
     attempt = _Attempt(model=model.ref)
     _stage(progress, identity.slide_id if identity else None, "opening")
@@ -371,14 +374,19 @@ def analyse_slide(
                     _stage(progress, sid, "reused", "a complete result with the same parameters exists")
                     return _reused(plan.folder, attempt, sid)
                 resumed = _prepare_work(plan.folder, plan.key, settings.force)
+                build_s = 0.0
                 if executor is None and not getattr(classifier, "built", True):
                     # A model loaded lazily (models.LoadedModel) is built here, once per process:
-                    # not for a reused result, and not inside the inference's clock.
+                    # not for a reused result, not inside the inference's clock or the time limit.
                     _stage(progress, sid, "building model")
+                    build_start = time.perf_counter()
                     classifier.module  # noqa: B018
+                    build_s = time.perf_counter() - build_start
+                    if on_model_built is not None:
+                        on_model_built()
                 clock.lap("prepare_s")
                 ctx = _Context(slide_path, slide, ident, classifier, model, settings, plan)
-                deadline = _Deadline(settings.engine.slide_time_limit_s, attempt.started)
+                deadline = _Deadline(settings.engine.slide_time_limit_s, attempt.started + build_s)
                 _stage(progress, sid, "finding tissue")
                 layout = _layout(slide, plan.spec, settings, plan.folder)
                 clock.lap("tissue_s")
